@@ -1,0 +1,165 @@
+"""Architecture adapters: the only place that knows where a family keeps its parts.
+
+One small adapter per architecture names the decoder layers, the final norm, the unembedding,
+the point where input embeddings (image features already merged in) enter layer 0, and which
+token ids are visual. Everything else in replay-lens goes through these accessors, so adding a
+family means adding one class here (the TransformerLens 4.x bridge-adapter pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lens.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Where one architecture family keeps its parts.
+
+    Attributes:
+        name: Human-readable family name, shown in error messages.
+        layers_path: Dotted path from the top-level model to the ``nn.ModuleList`` of decoder layers.
+        norm_path: Dotted path to the final norm applied before the unembedding.
+        unembed_path: Dotted path to the unembedding (``lm_head``).
+        embed_path: Dotted path to the token embedding.
+        multimodal: Whether the family takes images.
+    """
+
+    name: str
+    layers_path: str
+    norm_path: str
+    unembed_path: str
+    embed_path: str
+    multimodal: bool
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    # -- module access -------------------------------------------------------------------------
+    def _get(self, model: nn.Module, path: str) -> Any:
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        return self._get(model, self.layers_path)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The final norm (its statistics are recomputed for whatever activation it is given)."""
+        return self._get(model, self.norm_path)
+
+    def unembed(self, model: nn.Module) -> nn.Linear:
+        """The unembedding ``lm_head``."""
+        return self._get(model, self.unembed_path)
+
+    def embed(self, model: nn.Module) -> nn.Embedding:
+        """The token embedding."""
+        return self._get(model, self.embed_path)
+
+    def n_layers(self, model: nn.Module) -> int:
+        return len(self.layers(model))
+
+    # -- config facts ----------------------------------------------------------------------------
+    def text_config(self, config: Any) -> Any:
+        return config
+
+    def hidden_size(self, config: Any) -> int:
+        return int(self.text_config(config).hidden_size)
+
+    def vocab_size(self, config: Any) -> int:
+        return int(self.text_config(config).vocab_size)
+
+    def num_layers(self, config: Any) -> int:
+        return int(self.text_config(config).num_hidden_layers)
+
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        """Token ids whose positions carry visual features (image and video placeholders)."""
+        return ()
+
+    def vision_special_ids(self, config: Any) -> tuple[int, ...]:
+        """Ids that sampling must never emit: placeholders and vision delimiters."""
+        return ()
+
+    def extra_model_inputs(self, input_ids: torch.Tensor, config: Any) -> dict[str, torch.Tensor]:
+        """Model inputs derived from the token ids alone (e.g. Qwen's ``mm_token_type_ids``)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class QwenVLAdapter(ArchitectureAdapter):
+    """Qwen2-VL and Qwen2.5-VL (transformers 5.x module tree)."""
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id), int(config.video_token_id))
+
+    def vision_special_ids(self, config: Any) -> tuple[int, ...]:
+        return (
+            int(config.image_token_id),
+            int(config.video_token_id),
+            int(config.vision_start_token_id),
+            int(config.vision_end_token_id),
+        )
+
+    def extra_model_inputs(self, input_ids: torch.Tensor, config: Any) -> dict[str, torch.Tensor]:
+        # Without mm_token_type_ids transformers 5.x silently falls back to 1-D RoPE positions.
+        image = input_ids == int(config.image_token_id)
+        video = input_ids == int(config.video_token_id)
+        return {"mm_token_type_ids": (image.int() + 2 * video.int())}
+
+
+_QWEN_VL_PATHS = dict(
+    layers_path="model.language_model.layers",
+    norm_path="model.language_model.norm",
+    unembed_path="lm_head",
+    embed_path="model.language_model.embed_tokens",
+    multimodal=True,
+)
+
+QWEN2_5_VL = QwenVLAdapter(name="Qwen2.5-VL", **_QWEN_VL_PATHS)
+QWEN2_VL = QwenVLAdapter(name="Qwen2-VL", **_QWEN_VL_PATHS)
+CAUSAL_LM = ArchitectureAdapter(
+    name="decoder-only causal LM (Qwen2/Llama-style)",
+    layers_path="model.layers",
+    norm_path="model.norm",
+    unembed_path="lm_head",
+    embed_path="model.embed_tokens",
+    multimodal=False,
+)
+
+#: config.model_type -> adapter. The single registry of supported families.
+ADAPTERS: dict[str, ArchitectureAdapter] = {
+    "qwen2_5_vl": QWEN2_5_VL,
+    "qwen2_vl": QWEN2_VL,
+    "qwen2": CAUSAL_LM,
+    "qwen3": CAUSAL_LM,
+    "llama": CAUSAL_LM,
+    "mistral": CAUSAL_LM,
+}
+
+
+def supported_architectures() -> str:
+    """A one-line list of the supported ``model_type`` values."""
+    return ", ".join(sorted(ADAPTERS))
+
+
+def adapter_for(config: Any) -> ArchitectureAdapter:
+    """Return the adapter for a transformers config.
+
+    Raises:
+        UnsupportedArchitectureError: If no adapter covers ``config.model_type``.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture {model_type!r}; supported model types: {supported_architectures()}"
+        )
+    return ADAPTERS[model_type]

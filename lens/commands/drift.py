@@ -1,0 +1,58 @@
+"""``lens drift``: KL(P_base ‖ P_rlvr) by base-entropy bucket over a dataset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_layers
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "drift",
+        help="logit-lens KL drift by base entropy",
+        description="Logit lens of both models; KL(P_base || P_rlvr) bucketed by base-entropy quantile.",
+    )
+    add_pair_arguments(parser)
+    parser.add_argument("--data", default=None, help="JSONL dataset (default: the organism's held-out set)")
+    parser.add_argument("--items", type=int, default=200, help="held-out items when --data is not given")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    parser.add_argument("--out", default="runs/drift", help="output folder (default: runs/drift)")
+    parser.add_argument("--buckets", type=int, default=5, help="base-entropy quantile buckets (default 5)")
+    parser.add_argument("--layers", default=None, help="layers, e.g. 0-15 (default: all)")
+    parser.add_argument("--no-resume", action="store_true", help="discard records already in --out")
+    parser.set_defaults(handler=run)
+
+
+def load_samples(args: argparse.Namespace) -> list:
+    from lens.data import load_jsonl
+
+    if args.data is not None:
+        samples = load_jsonl(args.data)
+    else:
+        from lens import organism
+
+        samples = organism.heldout(n=args.items)
+    return samples[: args.limit] if args.limit else samples
+
+
+def run(args: argparse.Namespace) -> int:
+    from analyses.kl_drift import DriftConfig, run_drift, summary_table
+    from lens.errors import ConfigError
+
+    if args.buckets < 1:
+        raise ConfigError(f"--buckets must be >= 1, got {args.buckets}")
+    samples = load_samples(args)
+    pair = load_pair_from_args(args)
+    config = DriftConfig(n_buckets=args.buckets, layers=parse_layers(args.layers))
+    title = f"{pair.names[0]} → {pair.names[1]}"
+    result = run_drift(pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title)
+    out = Path(args.out)
+    print(f"\nKL(P_base || P_rlvr) by base-entropy bucket (1 = lowest), {len(samples)} samples, {title}:")
+    print(summary_table(result).to_string(float_format=lambda x: f"{x:.4f}"))
+    rho = result.correlations[result.correlations["scope"] == "pooled"]
+    for _, row in rho.iterrows():
+        print(f"Spearman rho(base entropy, KL), {row['token_group']} tokens: {row['spearman_rho']:+.3f}")
+    print(f"\nwrote {out / 'kl_by_entropy.png'} (+.pdf), drift_buckets.csv, drift_table.csv, records.jsonl")
+    return 0
