@@ -54,8 +54,8 @@ def fixed_threshold_mask(
         candidates: ``[tokens]`` boolean.
         thresholds: One threshold per layer row of ``base_entropy``.
         select: ``"low"`` (entropy < threshold) or ``"high"`` (entropy ≥ threshold).
-        rlvr_entropy: When given, "low" also requires base < RLVR entropy (the released rule) and
-            "high" requires base ≥ RLVR entropy.
+        rlvr_entropy: When given, "low" also requires base < RLVR entropy (the released rule);
+            "high" is always the complement of "low" within the candidates.
     """
     _check_select(select)
     if len(thresholds) != base_entropy.shape[0]:
@@ -63,7 +63,7 @@ def fixed_threshold_mask(
     thr = torch.as_tensor(list(thresholds), dtype=base_entropy.dtype).unsqueeze(-1)
     low = base_entropy < thr
     if rlvr_entropy is not None:
-        low = low & (base_entropy < rlvr_entropy) if select == "low" else low | (base_entropy >= rlvr_entropy)
+        low = low & (base_entropy < rlvr_entropy)
     chosen = low if select == "low" else ~low
     return chosen & candidates
 
