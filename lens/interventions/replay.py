@@ -1,0 +1,377 @@
+"""Activation Replay (Xing et al., CVPR 2026): test-time offsets on the visual tokens.
+
+Zero-initialised offsets Δ (one vector per visual token) are added to the RLVR model's input of
+block 0 at the visual positions and optimised with plain gradient steps so that the RLVR logit-lens
+distributions match the base's at low-entropy visual tokens. The model then decodes with Δ added in
+the prefill only.
+
+The default (``variant="released"``) is exactly the released algorithm
+(``vlmevalkit/vlmeval/vlm/replay_qwen2_vl.py``), bugs that define it included:
+
+* mask, per layer L: visual tokens with base entropy ≤ τ · max over visual tokens, the entropy taken
+  at the *output* of block L (``hidden_states[L + 1]``);
+* loss, per layer: KL(P_base ‖ P_rlvr) over the base's top-k ids, both renormalised by a softmax over
+  those k logits, averaged over the selected tokens (``batchmean``). The base side is the output of
+  block L but the RLVR side is the *input* of block L (the off-by-one "B1"); at L = 0 it is the
+  embeddings plus Δ;
+* total = Σ_L loss_L, divided by the number of visual tokens (``normalize``), a double normalisation;
+* Δ ← Δ − α ∇Δ, ``steps`` times; the first loss is the unmodified RLVR's; a step whose loss is
+  exactly zero is skipped; no loss after the last update (we report it separately as ``final_loss``).
+
+``variant="paper"`` pairs equal depths (RLVR output of block L against base output of block L).
+``select="high"`` inverts the mask within the visual tokens (the paper's high-entropy control).
+
+Precision: the lens (final norm + unembedding), the KL and Δ are float32 whatever the model dtype;
+Δ is cast to the model dtype where it is added. The released code does all of this in bf16 (a
+manual bf16 RMSNorm for the loss, "B2", and a bf16 SGD update, "B7"): those are quantisation
+artefacts, not part of the method, and they make tiny updates vanish once |Δ| grows, so we do not
+replicate them.
+
+Speed (same numbers, less work): the base side runs once and keeps only the top-k ids and
+log-probabilities at the selected positions; the RLVR side runs the vision tower once (``inputs_embeds``),
+stops its forward at the last replay layer, projects only the k unembedding rows it needs, and builds
+no graph for the weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lens.errors import ConfigError, InputError
+from lens.inputs import PairInputs
+from lens.interventions.base import (
+    PIXEL_KEYS,
+    Intervention,
+    _StopForward,
+    capture_block_residuals,
+    check_layers,
+    edit_input,
+    edit_output,
+    frozen_weights,
+    installed,
+    lens_entropy,
+    require_visual,
+)
+from lens.logit_lens import LogitLens
+from lens.masks import check_tau, tau_max_mask
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Activation Replay hyper-parameters (defaults: the released MM-Eureka-7B config).
+
+    Attributes:
+        tau: Mask threshold as a fraction of the per-layer max base entropy over visual tokens.
+        alpha: Step size of the plain gradient update.
+        steps: Number of gradient steps.
+        layers: Decoder layers whose lens enters the loss (released: 0..15).
+        topk: Base top-k ids the KL is restricted to.
+        variant: ``"released"`` (RLVR input of block L vs base output of block L) or ``"paper"``
+            (both sides at the output of block L).
+        select: ``"low"`` (the method) or ``"high"`` (inverted mask within visual tokens).
+        normalize: Divide the summed layer losses by the number of visual tokens (released: yes).
+        token_chunk: Positions per full-vocabulary projection on the base side.
+    """
+
+    tau: float = 0.4
+    alpha: float = 10.0
+    steps: int = 25
+    layers: tuple[int, ...] = tuple(range(16))
+    topk: int = 50
+    variant: str = "released"
+    select: str = "low"
+    normalize: bool = True
+    token_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+        check_tau(self.tau)
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise ConfigError(f"steps must be an integer >= 1, got {self.steps}")
+        if not self.layers:
+            raise ConfigError("no replay layers given")
+        if self.topk < 1:
+            raise ConfigError(f"topk must be >= 1, got {self.topk}")
+        if self.variant not in ("released", "paper"):
+            raise ConfigError(f"variant must be 'released' or 'paper', got {self.variant!r}")
+        if self.select not in ("low", "high"):
+            raise ConfigError(f"select must be 'low' or 'high', got {self.select!r}")
+        if self.token_chunk < 1:
+            raise ConfigError(f"token_chunk must be >= 1, got {self.token_chunk}")
+
+
+@dataclass(frozen=True)
+class ReplayTargets:
+    """The base side of the loss, computed once per sample.
+
+    Attributes:
+        base_entropy: ``[layers, n_visual]`` float32 base entropy at the visual tokens.
+        selected: ``{layer: LongTensor[n_sel]}`` indices *into the visual tokens* in the mask.
+        topk_ids: ``{layer: [n_sel, k]}`` the base's top-k vocabulary ids there.
+        topk_logp: ``{layer: [n_sel, k]}`` base log-probabilities renormalised over those k ids.
+    """
+
+    base_entropy: torch.Tensor
+    selected: dict[int, torch.Tensor]
+    topk_ids: dict[int, torch.Tensor]
+    topk_logp: dict[int, torch.Tensor]
+
+    @property
+    def n_selected(self) -> dict[int, int]:
+        return {layer: int(idx.numel()) for layer, idx in self.selected.items()}
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What one sample's optimisation produced.
+
+    Attributes:
+        offsets: ``[n_visual, hidden]`` float32 learned Δ (raster order of the visual tokens).
+        losses: The loss at Δ_t before update t, for t = 0..steps-1 (``losses[0]`` = unmodified RLVR).
+        final_loss: The loss at the final Δ (the released code never computes it).
+        n_selected: Selected visual tokens per layer.
+        n_visual: Number of visual tokens.
+        skipped_steps: Steps skipped because the loss was exactly zero.
+    """
+
+    offsets: torch.Tensor
+    losses: tuple[float, ...]
+    final_loss: float
+    n_selected: dict[int, int]
+    n_visual: int
+    skipped_steps: int
+
+
+def base_targets(pair: Any, inputs: PairInputs, config: ReplayConfig) -> ReplayTargets:
+    """Base entropy, mask, top-k ids and renormalised log-probabilities, from one base forward."""
+    visual = require_visual(inputs, "Activation Replay")
+    layers = config.layers
+    states = capture_block_residuals(pair.base, pair.adapter, inputs.model_inputs, outputs_of=layers)
+    lens = LogitLens(pair.base, pair.adapter)
+    vis = visual.to(pair.device)
+    # Entropy on the visual positions only: the mask never looks elsewhere (released inefficiency 6).
+    base_entropy = torch.stack(
+        [lens_entropy(lens, states[("out", L)][vis], config.token_chunk) for L in layers]
+    )
+    candidates = torch.ones(vis.numel(), dtype=torch.bool, device=base_entropy.device)
+    mask = tau_max_mask(base_entropy, candidates, config.tau, config.select)
+    selected, topk_ids, topk_logp = {}, {}, {}
+    with torch.no_grad():
+        for row, layer in enumerate(layers):
+            idx = mask[row].nonzero().squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            hidden = states[("out", layer)][vis[idx]]
+            ids_chunks, logp_chunks = [], []
+            for start in range(0, hidden.shape[0], config.token_chunk):
+                logits = lens.logits(hidden[start : start + config.token_chunk])
+                values, ids = logits.topk(config.topk, dim=-1)
+                ids_chunks.append(ids)
+                logp_chunks.append(torch.log_softmax(values, dim=-1))
+            selected[layer] = idx
+            topk_ids[layer] = torch.cat(ids_chunks)
+            topk_logp[layer] = torch.cat(logp_chunks)
+    return ReplayTargets(base_entropy.cpu(), selected, topk_ids, topk_logp)
+
+
+def kl_topk(base_logp: torch.Tensor, rlvr_logits: torch.Tensor) -> torch.Tensor:
+    """``batchmean`` KL(P_base ‖ P_rlvr) over k ids, both renormalised (``F.kl_div(log q, p)``)."""
+    rlvr_logq = torch.log_softmax(rlvr_logits, dim=-1)
+    return (base_logp.exp() * (base_logp - rlvr_logq)).sum() / base_logp.shape[0]
+
+
+class _FastObjective:
+    """L(Δ) on the RLVR side: vision tower once, forward stopped at the last layer, k rows per token."""
+
+    def __init__(self, pair: Any, inputs: PairInputs, config: ReplayConfig, targets: ReplayTargets) -> None:
+        self.pair, self.config, self.targets = pair, config, targets
+        self.model = pair.rlvr
+        self.lens = LogitLens(self.model, pair.adapter)
+        self.visual = inputs.visual_positions.to(pair.device)
+        self.layers = [layer for layer in config.layers if layer in targets.selected]
+        # The visual tokens selected at each layer, as sequence positions.
+        self.positions = {layer: self.visual[targets.selected[layer]] for layer in self.layers}
+        # inputs_embeds (text embeddings with the vision features merged in) = the input of block 0.
+        embeds = capture_block_residuals(self.model, pair.adapter, inputs.model_inputs, inputs_of=(0,))
+        self.embeds = embeds[("in", 0)].unsqueeze(0)
+        # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged.
+        self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        config, lens, targets = self.config, self.lens, self.targets
+        embeds = self.embeds.clone()
+        embeds[0, self.visual] = embeds[0, self.visual] + delta.to(embeds.dtype)
+        terms: list[torch.Tensor] = []
+        last = self.layers[-1]
+
+        def term(layer: int):
+            def fn(hidden: torch.Tensor) -> None:
+                rows = targets.topk_ids[layer]
+                logits = lens.logits(hidden[0, self.positions[layer]], rows=rows)
+                terms.append(kl_topk(targets.topk_logp[layer], logits))
+                if layer == last:
+                    raise _StopForward
+
+            return fn
+
+        layers = self.pair.adapter.layers(self.model)
+        register = edit_input if config.variant == "released" else edit_output
+        handles: list[RemovableHandle] = [register(layers[L], term(L)) for L in self.layers]
+        with installed(handles):
+            try:
+                self.model(**self.forward_inputs, inputs_embeds=embeds, use_cache=False)
+            except _StopForward:
+                pass
+        loss = torch.stack(terms).sum()
+        return loss / delta.shape[0] if config.normalize else loss
+
+
+class ActivationReplay(Intervention):
+    """Activation Replay as an intervention: :meth:`prepare` optimises Δ, :meth:`generate` decodes.
+
+    Example:
+        >>> replay = ActivationReplay(tau=0.4, alpha=10.0, steps=25, layers=range(16))
+        >>> replay.prepare(pair, inputs)
+        >>> replay.result.losses[0], replay.result.final_loss
+        >>> replay.generate(pair, inputs).texts
+        >>> replay.save_offsets("offsets.safetensors")
+    """
+
+    name = "replay"
+
+    def __init__(
+        self,
+        tau: float = 0.4,
+        alpha: float = 10.0,
+        steps: int = 25,
+        layers: Sequence[int] = tuple(range(16)),
+        topk: int = 50,
+        variant: str = "released",
+        select: str = "low",
+        normalize: bool = True,
+        token_chunk: int = 256,
+    ) -> None:
+        super().__init__("rlvr")
+        self.config = ReplayConfig(
+            tau=tau,
+            alpha=alpha,
+            steps=steps,
+            layers=tuple(layers),
+            topk=topk,
+            variant=variant,
+            select=select,
+            normalize=normalize,
+            token_chunk=token_chunk,
+        )
+        self.result: ReplayResult | None = None
+        self.targets: ReplayTargets | None = None
+        self._visual: torch.Tensor | None = None
+
+    def setting(self) -> str:
+        c = self.config
+        name = "replay" if c.select == "low" else "replay-high"
+        return (
+            f"{name}[tau={c.tau:g},alpha={c.alpha:g},steps={c.steps},layers={c.layers[0]}-{c.layers[-1]}"
+            f",k={c.topk},{c.variant}]"
+        )
+
+    def prepare(self, pair: Any, inputs: PairInputs) -> ActivationReplay:
+        """Optimise Δ on this sample (see the module docstring for the exact algorithm).
+
+        Raises:
+            ConfigError: Layers beyond the model or ``topk`` above the vocabulary size.
+            InputError: A sample without visual tokens.
+        """
+        config = self.config
+        check_layers(config.layers, pair.n_layers)
+        vocab = int(pair.adapter.unembed(pair.rlvr).weight.shape[0])
+        if config.topk > vocab:
+            raise ConfigError(f"topk={config.topk} exceeds the vocabulary size {vocab}")
+        visual = require_visual(inputs, "Activation Replay")
+        hidden = pair.adapter.hidden_size(pair.config)
+        delta = torch.zeros(visual.numel(), hidden, dtype=torch.float32, device=pair.device)
+        targets = base_targets(pair, inputs, config)
+        losses: list[float] = []
+        skipped = 0
+        if not targets.selected:
+            warnings.warn(
+                f"{self.setting()}: the entropy mask is empty at every layer (tau={config.tau:g}); "
+                "offsets stay zero and decoding is unchanged",
+                stacklevel=2,
+            )
+            losses, final, skipped = [0.0] * config.steps, 0.0, config.steps
+        else:
+            objective = _FastObjective(pair, inputs, config, targets)
+            with frozen_weights(pair.rlvr), torch.enable_grad():
+                for _ in range(config.steps):
+                    delta.requires_grad_(True)
+                    loss = objective(delta)
+                    value = float(loss.detach())
+                    losses.append(value)
+                    if value == 0.0:  # released: no update on an exactly-zero loss
+                        skipped += 1
+                        delta = delta.detach()
+                        continue
+                    (grad,) = torch.autograd.grad(loss, delta)
+                    delta = (delta - config.alpha * grad).detach()
+                with torch.no_grad():
+                    final = float(objective(delta))
+        if any(v != v for v in losses) or final != final:
+            raise InputError("Activation Replay produced a NaN loss; check the model dtype and inputs")
+        self.targets = targets
+        self._visual = visual.to(pair.device)
+        self.result = ReplayResult(
+            delta.detach(), tuple(losses), final, targets.n_selected, int(visual.numel()), skipped
+        )
+        return super().prepare(pair, inputs)  # type: ignore[return-value]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        if self.result is None:
+            raise ConfigError("call prepare(pair, inputs) first")
+        return self.result.offsets
+
+    def save_offsets(self, path: str | Path) -> Path:
+        """Write Δ (float32 ``[n_visual, hidden]``) and the per-step losses with safetensors."""
+        from safetensors.torch import save_file
+
+        from lens.records import atomic_write
+
+        result = self.result
+        if result is None:
+            raise ConfigError("call prepare(pair, inputs) first")
+        tensors = {
+            "offsets": result.offsets.detach().cpu().contiguous(),
+            "losses": torch.tensor(result.losses, dtype=torch.float32),
+        }
+        meta = {"setting": self.setting(), "final_loss": repr(result.final_loss)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def _install(self, pair: Any, model: nn.Module) -> list[RemovableHandle]:
+        result, visual = self.result, self._visual
+        assert result is not None and visual is not None
+        if not torch.any(result.offsets):
+            return []  # zero offsets: decoding is plain generate
+        n_tokens = self._inputs.n_tokens if self._inputs is not None else -1
+        offsets = result.offsets
+
+        def add(hidden: torch.Tensor) -> torch.Tensor | None:
+            if hidden.shape[1] == 1:
+                return None  # decode step: sees Δ only through the KV cache, as released
+            if hidden.shape[1] != n_tokens:
+                raise InputError(f"prefill of {hidden.shape[1]} tokens, but Δ was learned for {n_tokens}")
+            hidden = hidden.clone()
+            hidden[:, visual] = hidden[:, visual] + offsets.to(hidden.dtype)
+            return hidden
+
+        return [edit_input(pair.adapter.layers(model)[0], add)]

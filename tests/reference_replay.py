@@ -1,0 +1,109 @@
+"""A straightforward re-statement of the released Activation Replay loop, for tests and benchmarks only.
+
+Every iteration runs the full RLVR forward (vision tower, all layers, full-sequence logits) with
+``output_hidden_states``, the full-vocabulary lens on both sides, and recomputes the base top-k, as
+``vlmevalkit/vlmeval/vlm/replay_qwen2_vl.py`` does. Differences from the release, all shared with
+the fast implementation: float32 lens/KL/Δ (no bf16 quirks B2/B7), the raw output of the last block
+(no B3), frozen weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lens.logit_lens import LogitLens
+
+
+def reference_replay(
+    pair,
+    inputs,
+    tau=0.4,
+    alpha=10.0,
+    steps=25,
+    layers=range(16),
+    topk=50,
+    variant="released",
+    select="low",
+    normalize=True,
+):
+    """Returns ``(offsets, losses)`` with ``losses[t]`` the loss at Δ_t before update t."""
+    layers = list(layers)
+    base, rlvr, adapter = pair.base, pair.rlvr, pair.adapter
+    vmask = torch.zeros(inputs.n_tokens, dtype=torch.bool)
+    vmask[inputs.visual_positions] = True
+    vmask = vmask.to(pair.device)
+    n_vis = int(vmask.sum())
+    n_layers = adapter.n_layers(rlvr)
+
+    def raw_outputs(model, extra_hooks=()):
+        """Full forward; raw block outputs (hidden_states[L + 1] without the final norm on the last)."""
+        outs = {}
+        handles = [
+            adapter.layers(model)[i].register_forward_hook(
+                lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+            )
+            for i in range(n_layers)
+        ]
+        handles += list(extra_hooks)
+        try:
+            result = model(**inputs.model_inputs, output_hidden_states=True, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return result, outs
+
+    # Base pass, once: states after block L and their full-vocab entropy at all positions.
+    base_lens, rlvr_lens = LogitLens(base, adapter), LogitLens(rlvr, adapter)
+    with torch.no_grad():
+        _, base_out = raw_outputs(base)
+        base_state = {L: base_out[L][0] for L in layers}
+        base_entropy = {}
+        for L in layers:
+            logp = torch.log_softmax(base_lens.logits(base_state[L]), -1)
+            base_entropy[L] = -(logp.exp() * logp).sum(-1)
+
+    delta = torch.zeros(n_vis, adapter.hidden_size(pair.config), dtype=torch.float32, device=pair.device)
+    losses = []
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        captured = {}
+
+        def add_delta(module, args, kwargs, delta=delta, captured=captured):
+            h = args[0] if args else kwargs["hidden_states"]
+            h = h.clone()
+            h[:, vmask] = h[:, vmask] + delta.to(h.dtype)
+            captured[0] = h
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+        hook = adapter.layers(rlvr)[0].register_forward_pre_hook(add_delta, with_kwargs=True)
+        with torch.enable_grad():
+            result, rlvr_out = raw_outputs(rlvr, [hook])
+            hs = result.hidden_states
+            loss = torch.zeros((), dtype=torch.float32, device=pair.device)
+            for L in layers:
+                ent = base_entropy[L].masked_fill(~vmask, float("inf"))
+                thr = tau * ent[vmask].max()
+                low = (ent <= thr) & vmask
+                mask = low if select == "low" else (~low & vmask)
+                if not mask.any():
+                    continue
+                if variant == "released":
+                    r = captured[0][0] if L == 0 else hs[L][0]
+                else:
+                    r = rlvr_out[L][0]
+                b_logits = base_lens.logits(base_state[L][mask])
+                r_logits = rlvr_lens.logits(r[mask])
+                idx = b_logits.topk(topk, dim=-1).indices
+                p = torch.softmax(b_logits.gather(-1, idx), -1)
+                log_q = torch.log_softmax(r_logits.gather(-1, idx), -1)
+                loss = loss + F.kl_div(log_q, p, reduction="batchmean")
+            if normalize:
+                loss = loss / n_vis
+            losses.append(float(loss.detach()))
+            if losses[-1] == 0.0:
+                delta = delta.detach()
+                continue
+            (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta - alpha * grad).detach()
+    return delta, losses
