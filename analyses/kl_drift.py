@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from lens.errors import ConfigError, DatasetError
+from lens.data import check_images
+from lens.errors import ConfigError, DatasetError, InputError
 from lens.logit_lens import LensConfig, pair_lens
 from lens.records import RecordWriter, atomic_write, iter_records, pack_array, unpack_array
 
@@ -222,6 +223,13 @@ def run_drift(
     if not samples:
         raise DatasetError("the dataset has no samples")
     from tqdm.auto import tqdm
+
+    # Validate every input before creating any output, so bad input leaves no partial file.
+    check_images(samples)
+    if not pair.adapter.multimodal:
+        with_images = [s.id for s in samples if sample_images(s)]
+        if with_images:
+            raise InputError(f"{pair.adapter.name} takes no images, but sample {with_images[0]!r} has one")
 
     if out_dir is None:
         records = [{"sample_id": s.id, **drift_record(pair, s, config)} for s in samples]

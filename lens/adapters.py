@@ -113,7 +113,7 @@ class QwenVLAdapter(ArchitectureAdapter):
         # Without mm_token_type_ids transformers 5.x silently falls back to 1-D RoPE positions.
         image = input_ids == int(config.image_token_id)
         video = input_ids == int(config.video_token_id)
-        return {"mm_token_type_ids": (image.int() + 2 * video.int())}
+        return {"mm_token_type_ids": image.long() + 2 * video.long()}  # int64, as the processor returns
 
 
 _QWEN_VL_PATHS = dict(

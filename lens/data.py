@@ -7,10 +7,12 @@ absent for text-only), and optional ``answer`` and ``response``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lens.errors import DatasetError
+from lens.errors import DatasetError, InputError
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,21 @@ def load_jsonl(path: str | Path) -> list[Sample]:
     if not samples:
         raise DatasetError(f"dataset has no samples: {path}")
     return samples
+
+
+def check_images(samples: Iterable[Any]) -> None:
+    """Open every sample's image once, so a corrupt one fails before any output is written.
+
+    Raises:
+        InputError: A missing, unreadable or corrupt image (the message names the sample).
+    """
+    from lens.inputs import open_image
+
+    for sample in samples:
+        image = getattr(sample, "image", None)
+        if image is None or not isinstance(image, (str, Path)):
+            continue
+        try:
+            open_image(image)
+        except InputError as exc:
+            raise InputError(f"sample {sample.id!r}: {exc}") from exc

@@ -270,6 +270,10 @@ def load_pair(
     base_ip = rlvr_ip = None
     if adapter.multimodal:
         base_ip, rlvr_ip = _load_image_processor(base_src), _load_image_processor(rlvr_src)
+    # Refuse a mismatched pair before loading (possibly many GB of) weights.
+    check_tokenizers(base_tok, rlvr_tok)
+    if base_ip is not None and rlvr_ip is not None:
+        check_image_processors(base_ip, rlvr_ip)
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -293,8 +297,6 @@ def load_pair(
         models[1],
         rlvr_tok,
         rlvr_ip,
-        base_tokenizer=base_tok,
-        base_image_processor=base_ip,
         image_first=image_first,
         names=(Path(base_src).name or "base", Path(rlvr_src).name or "rlvr"),
     )

@@ -120,6 +120,10 @@ def tiny_qwen25vl(
         num_key_value_heads=num_kv_heads,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope},
         tie_word_embeddings=False,
+        # The defaults are the real Qwen ids (151643/151645), outside a tiny vocabulary.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     vision = dict(
         depth=vision_depth,

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_samples(args: argparse.Namespace) -> list:
-    from lens.data import load_jsonl
+    from lens.data import check_images, load_jsonl
 
     if args.data is not None:
         samples = load_jsonl(args.data)
@@ -34,7 +34,10 @@ def load_samples(args: argparse.Namespace) -> list:
         from lens import organism
 
         samples = organism.heldout(n=args.items)
-    return samples[: args.limit] if args.limit else samples
+    samples = samples[: args.limit] if args.limit else samples
+    # Before loading the pair: a corrupt image fails fast and leaves nothing behind.
+    check_images(samples)
+    return samples
 
 
 def run(args: argparse.Namespace) -> int:
