@@ -1,0 +1,111 @@
+"""``lens intervene``: decode with each intervention strategy and score greedy pass@1 and pass@k."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_layers
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """Dataset, decoding and replay arguments shared by ``intervene`` and ``replay``."""
+    parser.add_argument("--data", default=None, help="JSONL dataset (default: the organism's held-out set)")
+    parser.add_argument("--n", type=int, default=40, help="number of items (default 40)")
+    parser.add_argument(
+        "--samples", type=int, default=8, help="samples per item for pass@k (default 8; 0: greedy only)"
+    )
+    parser.add_argument("--k", default="1,2,4,8", help="pass@k budgets, comma-separated (default 1,2,4,8)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=4, help="decode budget (default 4, the organism's)"
+    )
+    parser.add_argument("--tau", type=float, default=0.4, help="entropy mask tau (default 0.4)")
+    parser.add_argument("--alpha", type=float, default=10.0, help="replay step size (default 10)")
+    parser.add_argument("--steps", type=int, default=25, help="replay gradient steps (default 25)")
+    parser.add_argument("--topk", type=int, default=50, help="replay top-k (default 50)")
+    parser.add_argument(
+        "--variant", default="released", choices=["released", "paper"], help="replay depth pairing"
+    )
+    parser.add_argument(
+        "--layers", default=None, help="layers, e.g. 0-15 (default: the first 16/28 of the model)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    parser.add_argument("--no-resume", action="store_true", help="discard records already in --out")
+
+
+def parse_floats(text: str, what: str) -> tuple[float, ...]:
+    from lens.errors import ConfigError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise ConfigError(f"cannot parse {what} {text!r}; use e.g. 0.2,0.4") from exc
+
+
+def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
+    from analyses.intervention import InterventionRunConfig
+
+    return InterventionRunConfig(
+        strategies=strategies,
+        layers=parse_layers(args.layers),
+        tau=args.tau,
+        alpha=args.alpha,
+        steps=args.steps,
+        topk=args.topk,
+        variant=args.variant,
+        n=args.samples,
+        ks=tuple(int(k) for k in parse_floats(args.k, "--k")) if args.samples else (),
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+
+
+def load_items(args: argparse.Namespace) -> list:
+    from lens.errors import ConfigError
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if args.data is not None:
+        from lens.data import load_jsonl
+
+        return load_jsonl(args.data)[: args.n]
+    from lens import organism
+
+    return organism.heldout(n=args.n)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from analyses.intervention import STRATEGIES
+
+    parser = subparsers.add_parser(
+        "intervene",
+        help="hard injection / Activation Replay, scored with greedy pass@1 and pass@k",
+        description="Decode with each strategy (rlvr, base, hard-low, hard-high, replay, replay-high) "
+        "and score greedy pass@1 and sampled pass@k with bootstrap CIs.",
+    )
+    add_pair_arguments(parser)
+    add_run_arguments(parser, "runs/intervene")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help=f"comma-separated (default: {','.join(STRATEGIES)})",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analyses.intervention import run_interventions, wide_table
+
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    config = run_config(args, strategies)
+    samples = load_items(args)
+    pair = load_pair_from_args(args)
+    title = f"{pair.names[0]} → {pair.names[1]}"
+    result = run_interventions(
+        pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title
+    )
+    print(f"\n{len(samples)} items, {title}; value [95% bootstrap CI]:")
+    print(wide_table(result.summary).to_string())
+    print(f"\nwrote {Path(args.out)}/summary.csv, per_item.csv, records.jsonl, pass_at_k.png")
+    return 0

@@ -1,0 +1,93 @@
+"""Figures of the intervention and Activation Replay analyses; each takes a tidy table, returns a Figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from lens.plot.style import COLUMN_WIDTH, DIVERGING, PALETTE, paper_style
+
+
+def plot_pass_at_k(summary: pd.DataFrame, title: str | None = None) -> Figure:
+    """pass@k against k (log2 axis), one line per strategy, 95% bootstrap CI bands.
+
+    Args:
+        summary: :func:`analyses.intervention.summarise` output (rows with ``metric == "pass@k"``).
+        title: Optional title.
+    """
+    rows = summary[summary["metric"] == "pass@k"]
+    with paper_style():
+        fig = Figure(figsize=(COLUMN_WIDTH, 2.4))
+        ax = fig.add_subplot()
+        for i, (strategy, group) in enumerate(rows.groupby("strategy", sort=False)):
+            group = group.sort_values("k")
+            color = PALETTE[i % len(PALETTE)]
+            ax.plot(group["k"], group["value"], marker="o", ms=3, color=color, label=strategy)
+            ax.fill_between(group["k"], group["ci_low"], group["ci_high"], color=color, alpha=0.15, lw=0)
+        ax.set_xscale("log", base=2)
+        ks = sorted(rows["k"].unique())
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k (samples at temperature 1.0)")
+        ax.set_ylabel("pass@k")
+        ax.legend(loc="lower right")
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> Figure:
+    """Greedy pass@1 change vs RLVR over the τ × α grid (the paper's Table 5), annotated with the CI."""
+    value = "delta_vs_rlvr" if ablation["delta_vs_rlvr"].notna().any() else "greedy_pass@1"
+    taus = sorted(ablation["tau"].unique())
+    alphas = sorted(ablation["alpha"].unique())
+    grid = np.full((len(taus), len(alphas)), np.nan)
+    notes = [["" for _ in alphas] for _ in taus]
+    for _, row in ablation.iterrows():
+        i, j = taus.index(row["tau"]), alphas.index(row["alpha"])
+        grid[i, j] = row[value]
+        if value == "delta_vs_rlvr":
+            notes[i][j] = f"{row[value]:+.3f}\n[{row['delta_ci_low']:+.3f}, {row['delta_ci_high']:+.3f}]"
+        else:
+            notes[i][j] = f"{row[value]:.3f}"
+    with paper_style():
+        fig = Figure(figsize=(COLUMN_WIDTH, 0.6 + 0.55 * len(taus)))
+        ax = fig.add_subplot()
+        bound = (
+            float(np.nanmax(np.abs(grid))) if value == "delta_vs_rlvr" and np.isfinite(grid).any() else None
+        )
+        image = ax.imshow(
+            grid,
+            cmap=DIVERGING if bound is not None else "viridis",
+            vmin=-bound if bound else None,
+            vmax=bound if bound else None,
+            aspect="auto",
+        )
+        for i in range(len(taus)):
+            for j in range(len(alphas)):
+                ax.text(j, i, notes[i][j], ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_yticks(range(len(taus)), [f"{t:g}" for t in taus])
+        ax.set_xlabel("α (step size)")
+        ax.set_ylabel("τ (mask threshold)")
+        label = "Δ greedy pass@1 vs RLVR" if value == "delta_vs_rlvr" else "greedy pass@1"
+        fig.colorbar(image, ax=ax, label=label)
+        if title:
+            ax.set_title(title)
+    return fig
+
+
+def plot_replay_loss(losses: pd.DataFrame, title: str | None = None) -> Figure:
+    """Mean replay loss per step, one line per (τ, α) setting (the last point is the final loss)."""
+    with paper_style():
+        fig = Figure(figsize=(COLUMN_WIDTH, 2.2))
+        ax = fig.add_subplot()
+        for i, (_, group) in enumerate(losses.groupby("setting", sort=False)):
+            label = f"τ={group['tau'].iloc[0]:g}, α={group['alpha'].iloc[0]:g}"
+            ax.plot(group["step"], group["mean_loss"], color=PALETTE[i % len(PALETTE)], label=label)
+        ax.set_xlabel("gradient step")
+        ax.set_ylabel("replay loss (mean over items)")
+        ax.legend(ncol=2)
+        if title:
+            ax.set_title(title)
+    return fig
