@@ -1,0 +1,159 @@
+"""Every plot function writes a non-empty PDF and PNG; ``lens plot`` draws from CSVs and refuses bad input."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from lens.errors import ConfigError, DatasetError
+from lens.plot.heatmaps import infer_grid, plot_layer_token_heatmaps, plot_visual_grid
+from lens.plot.perturbation import plot_perturbation
+from lens.plot.style import save_figure
+from lens.plot.training import plot_replay_loss
+
+
+def drift_table() -> pd.DataFrame:
+    """Two samples, 4 layers, 30 positions: 16 visual (a 4x4 grid), then prompt and response."""
+    rng = np.random.default_rng(0)
+    roles = ["template"] * 3 + ["visual"] * 16 + ["prompt"] * 6 + ["template"] * 2 + ["response"] * 3
+    rows = []
+    for sid in ("a", "b"):
+        for layer in range(4):
+            for pos, role in enumerate(roles):
+                entropy = rng.uniform(0.5, 4)
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "layer": layer,
+                        "position": pos,
+                        "role": role,
+                        "base_entropy": entropy,
+                        "rlvr_entropy": entropy + rng.normal(0, 0.3),
+                        "kl_base_rlvr": rng.exponential(1 / entropy),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def perturb_table() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    rows = []
+    for sid in range(5):
+        for kind in ("pixel", "embedding"):
+            for sigma in (0.0, 0.1, 0.4):
+                drift = 0.05 + sigma + rng.uniform(0, 0.05)
+                for answer, sign in (("correct", 1), ("incorrect", -1)):
+                    rows.append(
+                        {
+                            "sample_id": f"s{sid}",
+                            "noise_kind": kind,
+                            "sigma": sigma,
+                            "answer_kind": answer,
+                            "kl_low_entropy": drift,
+                            "ppl": float(np.exp(1 + sign * drift + rng.normal(0, 0.1))),
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def loss_table() -> pd.DataFrame:
+    rows = []
+    for setting, rate in (("τ=0.4, α=10", 0.2), ("τ=0.2, α=40", 0.4)):
+        for sid in range(4):
+            for step in range(25):
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "step": step,
+                        "loss": (1 + sid) * np.exp(-rate * step),
+                        "setting": setting,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _check_written(fig, path) -> None:
+    written = save_figure(fig, path)
+    plt.close(fig)
+    assert sorted(p.suffix for p in written) == [".pdf", ".png"]
+    for p in written:
+        assert p.stat().st_size > 1000
+    assert written[0].read_bytes()[:4] == b"%PDF"
+
+
+def test_each_plot_function_writes_pdf_and_png(tmp_path):
+    from analyses.perturbation import correlation_table
+
+    table = drift_table()
+    _check_written(plot_layer_token_heatmaps(table, sample_id="b"), tmp_path / "heat")
+    image = Image.new("RGB", (64, 64), (20, 20, 24))
+    _check_written(plot_visual_grid(table, (4, 4), layers=[0, 3], image=image), tmp_path / "grid")
+    perturb = perturb_table()
+    _check_written(plot_perturbation(perturb, correlation_table(perturb, n_boot=50)), tmp_path / "pert")
+    _check_written(plot_replay_loss(loss_table()), tmp_path / "loss")
+    _check_written(plot_replay_loss(loss_table().drop(columns="setting"), relative=True), tmp_path / "rel")
+
+
+def test_grid_inference_and_errors():
+    assert infer_grid(16) == (4, 4)
+    assert infer_grid(6, (2, 3)) == (2, 3)
+    with pytest.raises(ConfigError, match="square"):
+        infer_grid(6)
+    with pytest.raises(ConfigError, match="holds"):
+        infer_grid(16, (2, 3))
+    with pytest.raises(DatasetError, match="not in the drift table"):
+        plot_layer_token_heatmaps(drift_table(), sample_id="zzz")
+    with pytest.raises(ConfigError, match="not in the drift table"):
+        plot_visual_grid(drift_table(), layers=[7])
+    with pytest.raises(DatasetError, match="lacks the columns"):
+        plot_replay_loss(pd.DataFrame({"step": [0], "loss": [1.0]}))
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    from lens import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "COMMANDS", (*cli_module.COMMANDS, "plot"))
+    return cli_module
+
+
+def test_lens_plot_happy_path(cli, tmp_path, capsys):
+    from analyses.kl_drift import bucket_table
+
+    table = drift_table()
+    table.to_csv(tmp_path / "drift_table.csv", index=False)
+    table["token_group"] = np.where(table["role"] == "visual", "visual", "text")
+    bucket_table(table).to_csv(tmp_path / "drift_buckets.csv", index=False)
+    perturb_table().to_csv(tmp_path / "perturb_table.csv", index=False)
+    loss_table().to_csv(tmp_path / "replay_loss.csv", index=False)
+    for kind, results, extra in (
+        ("kl-by-entropy", "drift_buckets.csv", []),
+        ("heatmap", "drift_table.csv", ["--sample", "a"]),
+        ("heatmap-grid", "drift_table.csv", ["--grid", "4x4", "--layers", "0,2"]),
+        ("perturbation", "perturb_table.csv", []),
+        ("replay-loss", "replay_loss.csv", ["--title", "replay"]),
+    ):
+        out = tmp_path / f"{kind}.pdf"
+        assert cli.main(["plot", kind, str(tmp_path / results), "--out", str(out), *extra]) == 0, kind
+        assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_lens_plot_bad_input_is_one_line(cli, tmp_path, capsys):
+    perturb_table().to_csv(tmp_path / "perturb_table.csv", index=False)
+    (tmp_path / "empty.csv").write_text("")
+    cases = [
+        (["plot", "scatter", str(tmp_path / "perturb_table.csv")], "unknown plot kind"),
+        (["plot", "heatmap", str(tmp_path / "missing.csv")], "not found"),
+        (["plot", "heatmap", str(tmp_path / "empty.csv")], "cannot read"),
+        (["plot", "heatmap", str(tmp_path / "perturb_table.csv")], "lacks the columns"),
+        (["plot", "kl-by-entropy", str(tmp_path / "perturb_table.csv")], "does not look like"),
+    ]
+    for argv, message in cases:
+        assert cli.main([*argv, "--out", str(tmp_path / "x.png")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()
