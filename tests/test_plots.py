@@ -129,14 +129,48 @@ def test_lens_plot_happy_path(cli, tmp_path, capsys):
     bucket_table(table).to_csv(tmp_path / "drift_buckets.csv", index=False)
     perturb_table().to_csv(tmp_path / "perturb_table.csv", index=False)
     loss_table().to_csv(tmp_path / "replay_loss.csv", index=False)
+    # The interventions' CSVs: per-step mean replay losses, pass@k summary and the τ × α ablation.
+    means = pd.DataFrame(
+        {
+            "setting": ["r[a]"] * 3 + ["r[b]"] * 3,
+            "tau": [0.4] * 3 + [0.2] * 3,
+            "alpha": [10.0] * 3 + [40.0] * 3,
+            "step": [0, 1, 2] * 2,
+            "mean_loss": [1.0, 0.5, 0.2, 1.0, 0.3, 0.05],
+        }
+    )
+    means.to_csv(tmp_path / "replay_losses.csv", index=False)
+    pd.DataFrame(
+        {
+            "strategy": ["rlvr"] * 3,
+            "metric": ["pass@k"] * 3,
+            "k": [1, 2, 4],
+            "value": [0.4, 0.5, 0.6],
+            "ci_low": [0.3, 0.4, 0.5],
+            "ci_high": [0.5, 0.6, 0.7],
+        }
+    ).to_csv(tmp_path / "summary.csv", index=False)
+    pd.DataFrame(
+        {
+            "tau": [0.2, 0.2, 0.4, 0.4],
+            "alpha": [10, 40, 10, 40],
+            "greedy_pass@1": [0.5, 0.6, 0.55, 0.5],
+            "delta_vs_rlvr": [0.01, 0.02, -0.01, 0.0],
+            "delta_ci_low": [-0.01] * 4,
+            "delta_ci_high": [0.03] * 4,
+        }
+    ).to_csv(tmp_path / "ablation.csv", index=False)
     for kind, results, extra in (
         ("kl-by-entropy", "drift_buckets.csv", []),
         ("heatmap", "drift_table.csv", ["--sample", "a"]),
         ("heatmap-grid", "drift_table.csv", ["--grid", "4x4", "--layers", "0,2"]),
         ("perturbation", "perturb_table.csv", []),
         ("replay-loss", "replay_loss.csv", ["--title", "replay"]),
+        ("replay-loss", "replay_losses.csv", []),
+        ("passk", "summary.csv", []),
+        ("ablation", "ablation.csv", []),
     ):
-        out = tmp_path / f"{kind}.pdf"
+        out = tmp_path / f"{kind}-{results}.pdf"  # a dotted stem must survive
         assert cli.main(["plot", kind, str(tmp_path / results), "--out", str(out), *extra]) == 0, kind
         assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out

@@ -56,7 +56,8 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
         base = base.with_suffix("")
     written = []
     for suffix in (".pdf", ".png"):
-        target = base.with_suffix(suffix)
+        # Append rather than with_suffix: "fig.v2" must give "fig.v2.pdf", not "fig.pdf".
+        target = base.with_name(base.name + suffix)
         atomic_write(target, lambda tmp, s=suffix: fig.savefig(tmp, format=s[1:]))
         written.append(target)
     return written

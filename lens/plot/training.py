@@ -22,7 +22,9 @@ def plot_replay_loss(
 
     Args:
         table: Tidy table with ``sample_id``, ``step``, ``loss`` and optionally ``setting``
-            (e.g. ``"τ=0.4, α=10"``).
+            (e.g. ``"τ=0.4, α=10"``). The per-step means of ``analyses.replay.loss_curves``
+            (``replay_losses.csv``: ``setting``, ``step``, ``mean_loss``, ``tau``, ``alpha``) are
+            accepted too; they are drawn as one curve per setting, without a band.
         relative: Divide each sample's curve by its step-0 (first-step) loss, so samples with very
             different starting losses share one scale.
         log_y: Log-scale the loss axis (default: when all losses are positive and span > 1 decade).
@@ -32,12 +34,16 @@ def plot_replay_loss(
     Returns:
         The figure.
     """
-    missing = [c for c in ("sample_id", "step", "loss") if c not in table.columns]
+    frame = table.copy()
+    if "loss" not in frame.columns and "mean_loss" in frame.columns:
+        frame = frame.rename(columns={"mean_loss": "loss"}).assign(sample_id="mean")
+    if {"tau", "alpha"} <= set(frame.columns):
+        frame["setting"] = [f"τ={t:g}, α={a:g}" for t, a in zip(frame["tau"], frame["alpha"], strict=True)]
+    missing = [c for c in ("sample_id", "step", "loss") if c not in frame.columns]
     if missing:
         raise DatasetError(f"the replay-loss table lacks the columns {missing}")
-    if not len(table):
+    if not len(frame):
         raise DatasetError("the replay-loss table is empty")
-    frame = table.copy()
     if "setting" not in frame.columns:
         frame["setting"] = "replay"
     frame["setting"] = frame["setting"].astype(str)
@@ -59,7 +65,8 @@ def plot_replay_loss(
                     ax.plot(trace["step"], trace["loss"], color=colour, lw=0.4, alpha=0.3)
             stats = sub.groupby("step")["loss"].agg(["mean", "std", "count"]).sort_index()
             half = 1.96 * stats["std"].fillna(0) / np.sqrt(stats["count"])
-            ax.plot(stats.index, stats["mean"], color=colour, lw=1.6, label=f"{setting} (n={n_samples})")
+            label = setting if set(sub["sample_id"]) == {"mean"} else f"{setting} (n={n_samples})"
+            ax.plot(stats.index, stats["mean"], color=colour, lw=1.6, label=label)
             lower = stats["mean"] - half
             if log_y:
                 lower = lower.clip(lower=stats["mean"] * 1e-3)
