@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lens.errors import DatasetError
 from lens.plot.style import COLUMN_WIDTH, PALETTE, paper_style
@@ -71,6 +72,7 @@ def plot_replay_loss(
             if log_y:
                 lower = lower.clip(lower=stats["mean"] * 1e-3)
             ax.fill_between(stats.index, lower, stats["mean"] + half, color=colour, alpha=0.2, lw=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("replay step")
         ax.set_ylabel("replay loss / step-0 loss" if relative else "replay loss (masked KL) [nats]")
         if log_y:
