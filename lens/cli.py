@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from lens.errors import ReplayLensError
 
 #: Subcommand modules under lens.commands; each defines ``register(subparsers)``.
-COMMANDS = ("drift",)
+COMMANDS = ("drift", "intervene", "replay", "perturb", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:
