@@ -55,9 +55,9 @@ from lens.interventions.base import (
     check_layers,
     edit_input,
     edit_output,
+    entropy_from_logits,
     frozen_weights,
     installed,
-    lens_entropy,
     require_visual,
 )
 from lens.logit_lens import LogitLens
@@ -159,28 +159,30 @@ def base_targets(pair: Any, inputs: PairInputs, config: ReplayConfig) -> ReplayT
     states = capture_block_residuals(pair.base, pair.adapter, inputs.model_inputs, outputs_of=layers)
     lens = LogitLens(pair.base, pair.adapter)
     vis = visual.to(pair.device)
-    # Entropy on the visual positions only: the mask never looks elsewhere (released inefficiency 6).
-    base_entropy = torch.stack(
-        [lens_entropy(lens, states[("out", L)][vis], config.token_chunk) for L in layers]
-    )
-    candidates = torch.ones(vis.numel(), dtype=torch.bool, device=base_entropy.device)
-    mask = tau_max_mask(base_entropy, candidates, config.tau, config.select)
-    selected, topk_ids, topk_logp = {}, {}, {}
+    # One full-vocabulary projection per (layer, visual token) gives both the entropy and the top-k,
+    # on the visual positions only (the mask never looks elsewhere; released inefficiency 6).
+    entropies, all_ids, all_logp = [], [], []
     with torch.no_grad():
-        for row, layer in enumerate(layers):
-            idx = mask[row].nonzero().squeeze(-1)
-            if idx.numel() == 0:
-                continue
-            hidden = states[("out", layer)][vis[idx]]
-            ids_chunks, logp_chunks = [], []
+        for layer in layers:
+            hidden = states[("out", layer)][vis]
+            parts = []
             for start in range(0, hidden.shape[0], config.token_chunk):
                 logits = lens.logits(hidden[start : start + config.token_chunk])
                 values, ids = logits.topk(config.topk, dim=-1)
-                ids_chunks.append(ids)
-                logp_chunks.append(torch.log_softmax(values, dim=-1))
+                parts.append((entropy_from_logits(logits), ids, torch.log_softmax(values, dim=-1)))
+            entropies.append(torch.cat([p[0] for p in parts]))
+            all_ids.append(torch.cat([p[1] for p in parts]))
+            all_logp.append(torch.cat([p[2] for p in parts]))
+    base_entropy = torch.stack(entropies)
+    candidates = torch.ones(vis.numel(), dtype=torch.bool, device=base_entropy.device)
+    mask = tau_max_mask(base_entropy, candidates, config.tau, config.select)
+    selected, topk_ids, topk_logp = {}, {}, {}
+    for row, layer in enumerate(layers):
+        idx = mask[row].nonzero().squeeze(-1)
+        if idx.numel():
             selected[layer] = idx
-            topk_ids[layer] = torch.cat(ids_chunks)
-            topk_logp[layer] = torch.cat(logp_chunks)
+            topk_ids[layer] = all_ids[row][idx]
+            topk_logp[layer] = all_logp[row][idx]
     return ReplayTargets(base_entropy.cpu(), selected, topk_ids, topk_logp)
 
 
