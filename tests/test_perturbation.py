@@ -250,7 +250,6 @@ def test_bad_config_and_datasets():
 def test_cli_rejects_bad_input_with_one_line(tmp_path, monkeypatch, capsys):
     from lens import cli
 
-    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "perturb"))
     assert cli.main(["perturb", "--sigmas", "0,-0.5", "--out", str(tmp_path / "o")]) == 2
     assert "negative" in capsys.readouterr().err
     assert cli.main(["perturb", "--sigmas", "0,x", "--out", str(tmp_path / "o")]) == 2

@@ -113,10 +113,9 @@ def test_grid_inference_and_errors():
 
 
 @pytest.fixture
-def cli(monkeypatch):
+def cli():
     from lens import cli as cli_module
 
-    monkeypatch.setattr(cli_module, "COMMANDS", (*cli_module.COMMANDS, "plot"))
     return cli_module
 
 

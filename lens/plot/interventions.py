@@ -77,17 +77,5 @@ def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> F
     return fig
 
 
-def plot_replay_loss(losses: pd.DataFrame, title: str | None = None) -> Figure:
-    """Mean replay loss per step, one line per (τ, α) setting (the last point is the final loss)."""
-    with paper_style():
-        fig = Figure(figsize=(COLUMN_WIDTH, 2.2))
-        ax = fig.add_subplot()
-        for i, (_, group) in enumerate(losses.groupby("setting", sort=False)):
-            label = f"τ={group['tau'].iloc[0]:g}, α={group['alpha'].iloc[0]:g}"
-            ax.plot(group["step"], group["mean_loss"], color=PALETTE[i % len(PALETTE)], label=label)
-        ax.set_xlabel("gradient step")
-        ax.set_ylabel("replay loss (mean over items)")
-        ax.legend(ncol=2)
-        if title:
-            ax.set_title(title)
-    return fig
+# One implementation of the replay-loss figure, shared with `lens plot replay-loss`.
+from lens.plot.training import plot_replay_loss  # noqa: E402,F401
