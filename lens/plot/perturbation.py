@@ -125,6 +125,14 @@ def plot_perturbation(
                             fontsize=5.5,
                             color="0.35",
                         )
+            finite = np.isfinite(x_all) & np.isfinite(sub["ppl"].to_numpy(float))
+            if not finite.any():
+                # E.g. an empty low-entropy mask gives NaN drift everywhere: say so instead of
+                # failing on a log axis with no data.
+                ax.text(0.5, 0.5, f"no finite {drift} values\n(empty mask?)", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=7, color="0.35")  # fmt: skip
+                ax.set_title(_KIND_TITLES.get(kind, kind))
+                continue
             ax.set_yscale("log")
             # Plain numbers on the PPL axis ("4" rather than "4x10^0"); minor labels only when the
             # axis spans less than a decade, otherwise they crowd.

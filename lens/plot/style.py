@@ -58,6 +58,13 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
     for suffix in (".pdf", ".png"):
         # Append rather than with_suffix: "fig.v2" must give "fig.v2.pdf", not "fig.pdf".
         target = base.with_name(base.name + suffix)
-        atomic_write(target, lambda tmp, s=suffix: fig.savefig(tmp, format=s[1:]))
+        # The style's savefig settings (300 dpi, tight bounding box) are passed explicitly: figures
+        # are usually saved after the paper_style() block has ended, where the rc values are gone.
+        atomic_write(
+            target,
+            lambda tmp, s=suffix: fig.savefig(
+                tmp, format=s[1:], dpi=RC["savefig.dpi"], bbox_inches=RC["savefig.bbox"]
+            ),
+        )
         written.append(target)
     return written
