@@ -11,9 +11,9 @@ from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_
 def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     """Dataset, decoding and replay arguments shared by ``intervene`` and ``replay``."""
     parser.add_argument("--data", default=None, help="JSONL dataset (default: the organism's held-out set)")
-    parser.add_argument("--n", type=int, default=40, help="number of items (default 40)")
+    parser.add_argument("--items", type=int, default=40, help="number of items (default 40)")
     parser.add_argument(
-        "--samples", type=int, default=8, help="samples per item for pass@k (default 8; 0: greedy only)"
+        "--n", type=int, default=8, help="samples per item for pass@k (default 8; 0: greedy only)"
     )
     parser.add_argument("--k", default="1,2,4,8", help="pass@k budgets, comma-separated (default 1,2,4,8)")
     parser.add_argument(
@@ -54,8 +54,8 @@ def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
         steps=args.steps,
         topk=args.topk,
         variant=args.variant,
-        n=args.samples,
-        ks=tuple(int(k) for k in parse_floats(args.k, "--k")) if args.samples else (),
+        n=args.n,
+        ks=tuple(int(k) for k in parse_floats(args.k, "--k")) if args.n else (),
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
@@ -64,15 +64,15 @@ def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
 def load_items(args: argparse.Namespace) -> list:
     from lens.errors import ConfigError
 
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if args.items < 1:
+        raise ConfigError(f"--items must be >= 1, got {args.items}")
     if args.data is not None:
         from lens.data import load_jsonl
 
-        return load_jsonl(args.data)[: args.n]
+        return load_jsonl(args.data)[: args.items]
     from lens import organism
 
-    return organism.heldout(n=args.n)
+    return organism.heldout(n=args.items)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
