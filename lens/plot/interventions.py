@@ -47,7 +47,8 @@ def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> F
         i, j = taus.index(row["tau"]), alphas.index(row["alpha"])
         grid[i, j] = row[value]
         if value == "delta_vs_rlvr":
-            notes[i][j] = f"{row[value]:+.3f}\n[{row['delta_ci_low']:+.3f}, {row['delta_ci_high']:+.3f}]"
+            # Two decimals for the CI: three overflow a cell at column width with the paper's 3 α values.
+            notes[i][j] = f"{row[value]:+.3f}\n[{row['delta_ci_low']:+.2f}, {row['delta_ci_high']:+.2f}]"
         else:
             notes[i][j] = f"{row[value]:.3f}"
     with paper_style():
@@ -65,7 +66,16 @@ def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> F
         )
         for i in range(len(taus)):
             for j in range(len(alphas)):
-                ax.text(j, i, notes[i][j], ha="center", va="center", fontsize=6)
+                dark = bound is not None and np.isfinite(grid[i, j]) and abs(grid[i, j]) > 0.6 * bound
+                ax.text(
+                    j,
+                    i,
+                    notes[i][j],
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if dark else "black",
+                )
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_yticks(range(len(taus)), [f"{t:g}" for t in taus])
         ax.set_xlabel("α (step size)")
