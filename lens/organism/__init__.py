@@ -1,0 +1,109 @@
+"""The built-in model organism: a tiny base / RLVR / control Qwen2.5-VL trio trained offline.
+
+The three models ship as safetensors under ``lens/organism/weights/{base,rlvr,control}`` and share a
+word-level tokenizer, a chat template and a ``Qwen2VLImageProcessorPil`` (no torchvision needed). The task
+(counting coloured shapes) and its splits are regenerated from their seeds on demand.
+
+Example:
+    >>> from lens import organism
+    >>> pair = organism.load_pair()                  # base vs rlvr through lens.load_pair
+    >>> model, tok, ip = organism.load_model("rlvr")  # one model, plain transformers
+    >>> items = organism.heldout(500)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lens.errors import CheckpointError, ConfigError
+from lens.organism.task import (
+    QTYPES,
+    Sample,
+    heldout,
+    validation,
+    verify,
+    write_dataset,
+)
+
+KNOWN_PAIRS = ("rlvr", "control")
+"""Names of the twins compared against the base (the base is always ``"base"``)."""
+MODEL_NAMES = ("base", *KNOWN_PAIRS)
+IMAGE_FIRST = False
+"""The organism's prompts put the question before the image (see the feasibility study)."""
+
+__all__ = [
+    "IMAGE_FIRST",
+    "KNOWN_PAIRS",
+    "MODEL_NAMES",
+    "QTYPES",
+    "Sample",
+    "heldout",
+    "load_model",
+    "load_pair",
+    "manifest",
+    "model_dir",
+    "validation",
+    "verify",
+    "weights_dir",
+    "write_dataset",
+]
+
+
+def weights_dir() -> Path:
+    """Folder holding the shipped weights (``base/``, ``rlvr/``, ``control/``, ``manifest.json``)."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def model_dir(name: str) -> Path:
+    """Folder of one shipped model.
+
+    Raises:
+        ConfigError: For a name other than ``base``, ``rlvr`` or ``control``.
+        CheckpointError: If the weights are missing from the installation.
+    """
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"unknown organism model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    path = weights_dir() / name
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"organism weights missing at {path}; run `lens organism train --out {weights_dir()}`"
+        )
+    return path
+
+
+def manifest() -> dict[str, Any]:
+    """The shipped ``manifest.json`` (seed, steps, held-out greedy accuracy of each model)."""
+    path = weights_dir() / "manifest.json"
+    if not path.is_file():
+        raise CheckpointError(f"organism manifest missing at {path}")
+    return json.loads(path.read_text())
+
+
+def load_pair(rlvr: str = "rlvr", **kw: Any):
+    """Load ``base`` and a twin (``rlvr`` or ``control``) through :func:`lens.load_pair`.
+
+    Args:
+        rlvr: Twin name, one of :data:`KNOWN_PAIRS`.
+        **kw: Passed to :func:`lens.load_pair` (``dtype``, ``device``...). ``image_first`` defaults to
+            ``False`` because the organism was trained with the question before the image.
+    """
+    if rlvr not in KNOWN_PAIRS:
+        raise ConfigError(f"unknown organism twin {rlvr!r}; known: {', '.join(KNOWN_PAIRS)}")
+    import lens
+
+    kw = {k: v for k, v in kw.items() if v is not None}
+    kw.setdefault("image_first", IMAGE_FIRST)
+    return lens.load_pair(str(model_dir("base")), str(model_dir(rlvr)), **kw)
+
+
+def load_model(name: str):
+    """Load one shipped model directly with transformers.
+
+    Returns:
+        ``(model, tokenizer, image_processor)`` on CPU in fp32, eval mode.
+    """
+    from lens.organism.model import load_folder
+
+    return load_folder(model_dir(name))
