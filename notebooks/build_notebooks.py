@@ -563,27 +563,27 @@ NOTEBOOKS["05_organism"] = {
                     rows = log[log["phase"] == phase]
                     x = rows["step"] + offset[phase]
                     loss_ax.plot(x, smooth(rows["loss"]), color=colours[phase])
-                loss_ax.set_ylabel("SFT loss (smoothed) [nats]")
+                loss_ax.set_ylabel("SFT loss, smoothed [nats]")
 
                 rl = log[log["phase"] == "grpo"]
                 x = rl["step"] + offset["grpo"]
                 reward_ax.plot(x, rl["reward"], color=colours["grpo"], lw=0.4, alpha=0.35)
                 reward_ax.plot(x, smooth(rl["reward"], 20), color=colours["grpo"])
-                reward_ax.set_ylabel("GRPO mean reward per batch")
+                reward_ax.set_ylabel("GRPO reward (batch mean)")
                 reward_ax.set_ylim(0, 1)
 
                 for phase in phases:
                     rows = log[(log["phase"] == phase) & log["val_acc"].notna()]
                     x = rows["step"] + offset[phase]
                     acc_ax.plot(x, rows["val_acc"], color=colours[phase], marker="o", ms=1.5)
-                acc_ax.set_ylabel("validation accuracy (teacher-forced)")
+                acc_ax.set_ylabel("validation accuracy")
                 acc_ax.set_ylim(0, 1)
                 for ax in (loss_ax, reward_ax, acc_ax):
                     ax.axvline(sft_steps, color="0.6", lw=0.6, ls="--")
                     ax.set_xlabel("optimizer step")
                 handles = [plt.Line2D([], [], color=colours[p], label=label) for p, label in phases.items()]
-                fig.legend(handles=handles, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.04))
-                fig.tight_layout()
+                fig.tight_layout(rect=(0, 0, 1, 0.88), w_pad=1.5)
+                fig.legend(handles=handles, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 1.0))
             save(fig, "05_training_curves")
             """,
         ),
@@ -596,7 +596,7 @@ NOTEBOOKS["05_organism"] = {
         (
             "code",
             """
-            N_ITEMS = 100
+            N_ITEMS = 64
             cfg = EvalConfig(ks=(1, 2, 4, 8), n=8, seed=0)
             loaded = {name: organism.load_model(name) for name in organism.MODEL_NAMES}
             encoder = Encoder(loaded["base"][1])
