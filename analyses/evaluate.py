@@ -261,38 +261,7 @@ def wide_table(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     return out[order]
 
 
-def plot_pass_at_k(summary: pd.DataFrame, title: str | None = None):
-    """pass@k curves with CI bands, one panel per question type (``all`` first), one line per model.
-
-    Returns:
-        The matplotlib figure.
-    """
-    import matplotlib.pyplot as plt
-
-    from lens.plot.style import PAGE_WIDTH, PALETTE, paper_style
-
-    s = summary[summary["metric"] == PASS]
-    qtypes = list(dict.fromkeys(s["qtype"]))
-    models = list(dict.fromkeys(s["model"]))
-    with paper_style():
-        fig, axes = plt.subplots(1, len(qtypes), figsize=(PAGE_WIDTH, 2.2), sharey=True, squeeze=False)
-        for ax, q in zip(axes[0], qtypes, strict=True):
-            for i, m in enumerate(models):
-                d = s[(s["qtype"] == q) & (s["model"] == m)].sort_values("k")
-                c = PALETTE[i % len(PALETTE)]
-                ax.plot(d["k"], d["estimate"], marker="o", ms=3, color=c, label=m)
-                ax.fill_between(d["k"], d["ci_low"], d["ci_high"], color=c, alpha=0.2, lw=0)
-            ax.set_xscale("log", base=2)
-            ks = sorted(s["k"].unique())
-            ax.set_xticks(ks, [str(k) for k in ks])
-            ax.set_title(q)
-            ax.set_xlabel("k")
-        axes[0][0].set_ylabel("pass@k")
-        axes[0][-1].legend(frameon=False, loc="lower right")
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-    return fig
+from lens.plot.passk import plot_pass_at_k  # noqa: E402  (re-exported for callers of this module)
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path, title: str | None = None) -> list[Path]:

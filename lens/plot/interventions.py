@@ -6,34 +6,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lens.plot.style import COLUMN_WIDTH, DIVERGING, PALETTE, paper_style
-
-
-def plot_pass_at_k(summary: pd.DataFrame, title: str | None = None) -> Figure:
-    """pass@k against k (log2 axis), one line per strategy, 95% bootstrap CI bands.
-
-    Args:
-        summary: :func:`analyses.intervention.summarise` output (rows with ``metric == "pass@k"``).
-        title: Optional title.
-    """
-    rows = summary[summary["metric"] == "pass@k"]
-    with paper_style():
-        fig = Figure(figsize=(COLUMN_WIDTH, 2.4))
-        ax = fig.add_subplot()
-        for i, (strategy, group) in enumerate(rows.groupby("strategy", sort=False)):
-            group = group.sort_values("k")
-            color = PALETTE[i % len(PALETTE)]
-            ax.plot(group["k"], group["value"], marker="o", ms=3, color=color, label=strategy)
-            ax.fill_between(group["k"], group["ci_low"], group["ci_high"], color=color, alpha=0.15, lw=0)
-        ax.set_xscale("log", base=2)
-        ks = sorted(rows["k"].unique())
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("k (samples at temperature 1.0)")
-        ax.set_ylabel("pass@k")
-        ax.legend(loc="lower right")
-        if title:
-            ax.set_title(title)
-    return fig
+from lens.plot.passk import plot_pass_at_k  # noqa: F401  (one implementation, re-exported)
+from lens.plot.style import COLUMN_WIDTH, DIVERGING, paper_style
 
 
 def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> Figure:
