@@ -39,7 +39,7 @@ def plot_pass_at_k(summary: pd.DataFrame, title: str | None = None) -> Figure:
                 ax.fill_between(group["k"], group["ci_low"], group["ci_high"], color=color, alpha=0.15, lw=0)
             ax.set_xscale("log", base=2)
             ax.set_xticks(ks, [str(k) for k in ks])
-            ax.set_xlabel("k (samples at temperature 1.0)")
+            ax.set_xlabel("k (samples at T = 1)" if len(panels) > 1 else "k (samples at temperature 1.0)")
             if panel is not None:
                 ax.set_title(str(panel))
         axes[0][0].set_ylabel("pass@k")
