@@ -7,6 +7,7 @@ All rules take a ``[layers, tokens]`` base-entropy tensor and a boolean ``[token
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +17,16 @@ from lens.errors import ConfigError
 RELEASED_THRESHOLDS = (4.812, 4.781, 3.734, 3.297, 3.328, 3.812, 4.312)
 
 
+#: The rules :class:`EntropyMask` dispatches to.
+MASK_RULES = ("tau_max", "fixed", "quantile")
+
+
 def check_tau(tau: float) -> float:
+    """Return ``tau`` as a float.
+
+    Raises:
+        ConfigError: ``tau`` outside (0, 1].
+    """
     if not 0.0 < float(tau) <= 1.0:
         raise ConfigError(f"tau must be in (0, 1], got {tau}")
     return float(tau)
@@ -83,6 +93,126 @@ def quantile_mask(
     low = base_entropy <= cut
     chosen = low if select == "low" else ~low
     return chosen & candidates
+
+
+def check_quantile(quantile: float) -> float:
+    """Return ``quantile`` as a float.
+
+    Raises:
+        ConfigError: ``quantile`` outside (0, 1).
+    """
+    if not 0.0 < float(quantile) < 1.0:
+        raise ConfigError(f"quantile must be in (0, 1), got {quantile}")
+    return float(quantile)
+
+
+@dataclass(frozen=True)
+class EntropyMask:
+    """One position-selection rule with its parameters, shared by injection, replay and perturbation.
+
+    Attributes:
+        rule: ``"tau_max"`` (Activation Replay's released rule: entropy ≤ τ × the layer's max over
+            the candidates), ``"quantile"`` (entropy ≤ the layer's q-quantile over the candidates;
+            rank-based, so it selects about a fraction q whatever the entropy spread) or
+            ``"fixed"`` (per-layer thresholds in nats, the released agent/video rule).
+        tau: τ of the ``tau_max`` rule, in (0, 1].
+        quantile: q of the ``quantile`` rule, in (0, 1).
+        thresholds: Per-layer thresholds of the ``fixed`` rule (one per row of the entropy).
+        require_base_below_rlvr: "Low" also requires base < RLVR entropy ("high" stays the
+            complement of "low" within the candidates); ``None``: as released, i.e. on for
+            ``fixed`` only.
+
+    Example:
+        >>> mask = EntropyMask("quantile", quantile=0.3)
+        >>> chosen = mask.select(base_entropy, visual_candidates)  # [layers, tokens] bool
+    """
+
+    rule: str = "tau_max"
+    tau: float = 0.4
+    quantile: float = 0.3
+    thresholds: tuple[float, ...] | None = None
+    require_base_below_rlvr: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.rule not in MASK_RULES:
+            raise ConfigError(f"mask rule must be one of {', '.join(MASK_RULES)}; got {self.rule!r}")
+        object.__setattr__(self, "tau", check_tau(self.tau))
+        object.__setattr__(self, "quantile", check_quantile(self.quantile))
+        if self.thresholds is not None:
+            object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if self.rule == "fixed" and not self.thresholds:
+            raise ConfigError("the 'fixed' mask rule needs per-layer thresholds")
+
+    @property
+    def base_below_rlvr(self) -> bool:
+        """Whether "low" also requires base < RLVR entropy."""
+        if self.require_base_below_rlvr is None:
+            return self.rule == "fixed"
+        return bool(self.require_base_below_rlvr)
+
+    def select(
+        self,
+        base_entropy: torch.Tensor,
+        candidates: torch.Tensor,
+        select: str = "low",
+        rlvr_entropy: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Select positions per layer.
+
+        Args:
+            base_entropy: ``[layers, tokens]`` base logit-lens entropy.
+            candidates: ``[tokens]`` boolean; nothing outside it is ever selected.
+            select: ``"low"`` (the rule's low-entropy set) or ``"high"`` (its complement within
+                the candidates).
+            rlvr_entropy: ``[layers, tokens]`` RLVR entropy; required when :attr:`base_below_rlvr`.
+
+        Returns:
+            A boolean ``[layers, tokens]`` mask.
+
+        Raises:
+            ConfigError: A bad ``select``, a missing ``rlvr_entropy`` or a thresholds/layers mismatch.
+        """
+        _check_select(select)
+        if self.base_below_rlvr and rlvr_entropy is None:
+            raise ConfigError("this mask requires base < RLVR entropy; pass rlvr_entropy")
+        if self.rule == "fixed":
+            assert self.thresholds is not None
+            extra = rlvr_entropy if self.base_below_rlvr else None
+            return fixed_threshold_mask(base_entropy, candidates, self.thresholds, select, extra)
+        if self.rule == "tau_max":
+            low = tau_max_mask(base_entropy, candidates, self.tau, "low")
+        else:
+            low = quantile_mask(base_entropy, candidates, self.quantile, "low")
+        if self.base_below_rlvr:
+            low = low & (base_entropy < rlvr_entropy)
+        return low if select == "low" else ~low & candidates
+
+    def describe(self) -> str:
+        """A short human-readable label for titles and tables, e.g. ``"τ·max, τ=0.4"``."""
+        if self.rule == "tau_max":
+            text = f"τ·max, τ={self.tau:g}"
+        elif self.rule == "quantile":
+            text = f"quantile q={self.quantile:g}"
+        else:
+            text = "fixed thresholds"
+        if self.base_below_rlvr and self.rule != "fixed":
+            text += ", base<RLVR"
+        return text
+
+    def empty_hint(self) -> str:
+        """What an "empty mask" warning should add: the τ·max rule's fix is the rank-based rule."""
+        if self.rule != "tau_max":
+            return ""
+        return (
+            f" (the {self.describe()} rule selects nothing when the base entropies are near-uniform, "
+            "as on small models: use the rank-based rule, --mask quantile / rule='quantile')"
+        )
+
+    def tag(self) -> str:
+        """The compact parameter tag used in setting strings: ``tau=0.4`` / ``q=0.3`` / ``fixed``."""
+        return {"tau_max": f"tau={self.tau:g}", "quantile": f"q={self.quantile:g}", "fixed": "fixed"}[
+            self.rule
+        ]
 
 
 def _check_select(select: str) -> None:

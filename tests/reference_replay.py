@@ -26,8 +26,14 @@ def reference_replay(
     variant="released",
     select="low",
     normalize=True,
+    rule="tau_max",
+    quantile=0.3,
 ):
-    """Returns ``(offsets, losses)`` with ``losses[t]`` the loss at Δ_t before update t."""
+    """Returns ``(offsets, losses)`` with ``losses[t]`` the loss at Δ_t before update t.
+
+    ``rule="quantile"``: per layer, visual tokens with entropy ≤ the layer's ``quantile``-quantile
+    over the visual tokens (linear interpolation, as ``torch.quantile``), instead of ≤ τ · max.
+    """
     layers = list(layers)
     base, rlvr, adapter = pair.base, pair.rlvr, pair.adapter
     vmask = torch.zeros(inputs.n_tokens, dtype=torch.bool)
@@ -83,7 +89,10 @@ def reference_replay(
             loss = torch.zeros((), dtype=torch.float32, device=pair.device)
             for L in layers:
                 ent = base_entropy[L].masked_fill(~vmask, float("inf"))
-                thr = tau * ent[vmask].max()
+                if rule == "tau_max":
+                    thr = tau * ent[vmask].max()
+                else:
+                    thr = torch.quantile(ent[vmask].double(), quantile).to(ent.dtype)
                 low = (ent <= thr) & vmask
                 mask = low if select == "low" else (~low & vmask)
                 if not mask.any():

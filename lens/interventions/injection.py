@@ -38,9 +38,9 @@ from lens.interventions.base import (
     require_visual,
 )
 from lens.logit_lens import LogitLens
-from lens.masks import RELEASED_THRESHOLDS, check_tau, fixed_threshold_mask, quantile_mask, tau_max_mask
+from lens.masks import MASK_RULES, RELEASED_THRESHOLDS, EntropyMask, check_tau
 
-RULES = ("tau_max", "fixed", "quantile")
+RULES = MASK_RULES
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,20 @@ class InjectionConfig:
             raise ConfigError(f"token_chunk must be >= 1, got {self.token_chunk}")
 
     @property
+    def mask(self) -> EntropyMask:
+        """The selection rule as an :class:`~lens.masks.EntropyMask`."""
+        return EntropyMask(
+            rule=self.rule,
+            tau=self.tau if self.rule == "tau_max" else 0.4,
+            quantile=self.quantile if self.rule == "quantile" else 0.5,
+            thresholds=self.thresholds,
+            require_base_below_rlvr=self.require_base_below_rlvr,
+        )
+
+    @property
     def base_below_rlvr(self) -> bool:
-        if self.require_base_below_rlvr is None:
-            return self.rule == "fixed"
-        return bool(self.require_base_below_rlvr)
+        """Whether "low" also requires base < RLVR entropy."""
+        return self.mask.base_below_rlvr
 
 
 @dataclass
@@ -138,8 +148,7 @@ class HardInjection(Intervention):
 
     def setting(self) -> str:
         c = self.config
-        rule = {"tau_max": f"tau={c.tau:g}", "quantile": f"q={c.quantile:g}", "fixed": "fixed"}[c.rule]
-        return f"hard-{c.select}[{rule},layers={_span(c.layers)},scope={c.scope},depth={c.depth}]"
+        return f"hard-{c.select}[{c.mask.tag()},layers={_span(c.layers)},scope={c.scope},depth={c.depth}]"
 
     def prepare(self, pair: Any, inputs: PairInputs) -> HardInjection:
         """Select positions from the base entropy and keep the base values to inject.
@@ -173,20 +182,7 @@ class HardInjection(Intervention):
             )
             rlvr_entropy = self._entropy(pair.rlvr, pair.adapter, rlvr_states, layers, candidates)
         everything = torch.ones(candidates.numel(), dtype=torch.bool)
-        if c.rule == "tau_max":
-            chosen = tau_max_mask(base_entropy, everything, c.tau, c.select)
-            if rlvr_entropy is not None:
-                low = chosen if c.select == "low" else ~chosen
-                low = low & (base_entropy < rlvr_entropy)
-                chosen = low if c.select == "low" else ~low
-        elif c.rule == "fixed":
-            chosen = fixed_threshold_mask(base_entropy, everything, c.thresholds, c.select, rlvr_entropy)
-        else:
-            chosen = quantile_mask(base_entropy, everything, c.quantile, c.select)
-            if rlvr_entropy is not None:
-                low = chosen if c.select == "low" else ~chosen
-                low = low & (base_entropy < rlvr_entropy)
-                chosen = low if c.select == "low" else ~low
+        chosen = c.mask.select(base_entropy, everything, c.select, rlvr_entropy)
         positions, values, n_selected = {}, {}, {}
         for row, layer in enumerate(layers):
             pos = candidates[chosen[row].cpu()]
@@ -196,7 +192,8 @@ class HardInjection(Intervention):
                 values[layer] = base_states[(source, layer)][positions[layer]]
         if not positions:
             warnings.warn(
-                f"{self.setting()}: no position selected at any layer; decoding is unchanged",
+                f"{self.setting()}: no position selected at any layer; decoding is unchanged"
+                + c.mask.empty_hint(),
                 stacklevel=2,
             )
         self.plan = InjectionPlan(positions, values, base_entropy.cpu(), candidates, n_tokens, n_selected)

@@ -9,7 +9,7 @@ The default (``variant="released"``) is exactly the released algorithm
 (``vlmevalkit/vlmeval/vlm/replay_qwen2_vl.py``), bugs that define it included:
 
 * mask, per layer L: visual tokens with base entropy ≤ τ · max over visual tokens, the entropy taken
-  at the *output* of block L (``hidden_states[L + 1]``);
+  at the *output* of block L (``hidden_states[L + 1]``) (``rule="tau_max"``, the default);
 * loss, per layer: KL(P_base ‖ P_rlvr) over the base's top-k ids, both renormalised by a softmax over
   those k logits, averaged over the selected tokens (``batchmean``). The base side is the output of
   block L but the RLVR side is the *input* of block L (the off-by-one "B1"); at L = 0 it is the
@@ -20,6 +20,11 @@ The default (``variant="released"``) is exactly the released algorithm
 
 ``variant="paper"`` pairs equal depths (RLVR output of block L against base output of block L).
 ``select="high"`` inverts the mask within the visual tokens (the paper's high-entropy control).
+``rule="quantile"`` replaces the τ·max threshold with a rank-based one: per layer, the visual tokens
+with base entropy ≤ that layer's q-quantile over the image's visual tokens (``"high"``: the rest).
+On small models whose early-layer lens entropies are near-uniform (the organism: 5.0-5.6 nats
+against ln V = 5.6) the τ·max rule selects nothing; the quantile rule always selects about a
+fraction q. Everything else (loss, depths, update) is unchanged.
 
 Precision: the lens (final norm + unembedding), the KL and Δ are float32 whatever the model dtype;
 Δ is cast to the model dtype where it is added. The released code does all of this in bf16 (a
@@ -61,7 +66,7 @@ from lens.interventions.base import (
     require_visual,
 )
 from lens.logit_lens import LogitLens
-from lens.masks import check_tau, tau_max_mask
+from lens.masks import EntropyMask
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class ReplayConfig:
     """Activation Replay hyper-parameters (defaults: the released MM-Eureka-7B config).
 
     Attributes:
-        tau: Mask threshold as a fraction of the per-layer max base entropy over visual tokens.
+        tau: Mask threshold as a fraction of the per-layer max base entropy over visual tokens
+            (``rule="tau_max"``).
         alpha: Step size of the plain gradient update.
         steps: Number of gradient steps.
         layers: Decoder layers whose lens enters the loss (released: 0..15).
@@ -79,6 +85,8 @@ class ReplayConfig:
         select: ``"low"`` (the method) or ``"high"`` (inverted mask within visual tokens).
         normalize: Divide the summed layer losses by the number of visual tokens (released: yes).
         token_chunk: Positions per full-vocabulary projection on the base side.
+        rule: Mask rule, ``"tau_max"`` (released) or ``"quantile"`` (see the module docstring).
+        quantile: q of the ``quantile`` rule, in (0, 1).
     """
 
     tau: float = 0.4
@@ -90,10 +98,14 @@ class ReplayConfig:
     select: str = "low"
     normalize: bool = True
     token_chunk: int = 256
+    rule: str = "tau_max"
+    quantile: float = 0.3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
-        check_tau(self.tau)
+        if self.rule not in ("tau_max", "quantile"):
+            raise ConfigError(f"replay mask rule must be 'tau_max' or 'quantile', got {self.rule!r}")
+        _ = self.mask  # validates tau and quantile
         if not self.alpha > 0:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if int(self.steps) != self.steps or self.steps < 1:
@@ -108,6 +120,11 @@ class ReplayConfig:
             raise ConfigError(f"select must be 'low' or 'high', got {self.select!r}")
         if self.token_chunk < 1:
             raise ConfigError(f"token_chunk must be >= 1, got {self.token_chunk}")
+
+    @property
+    def mask(self) -> EntropyMask:
+        """The visual-token selection rule."""
+        return EntropyMask(rule=self.rule, tau=self.tau, quantile=self.quantile)
 
 
 @dataclass(frozen=True)
@@ -175,7 +192,7 @@ def base_targets(pair: Any, inputs: PairInputs, config: ReplayConfig) -> ReplayT
             all_logp.append(torch.cat([p[2] for p in parts]))
     base_entropy = torch.stack(entropies)
     candidates = torch.ones(vis.numel(), dtype=torch.bool, device=base_entropy.device)
-    mask = tau_max_mask(base_entropy, candidates, config.tau, config.select)
+    mask = config.mask.select(base_entropy, candidates, config.select)
     selected, topk_ids, topk_logp = {}, {}, {}
     for row, layer in enumerate(layers):
         idx = mask[row].nonzero().squeeze(-1)
@@ -262,6 +279,8 @@ class ActivationReplay(Intervention):
         select: str = "low",
         normalize: bool = True,
         token_chunk: int = 256,
+        rule: str = "tau_max",
+        quantile: float = 0.3,
     ) -> None:
         super().__init__("rlvr")
         self.config = ReplayConfig(
@@ -274,6 +293,8 @@ class ActivationReplay(Intervention):
             select=select,
             normalize=normalize,
             token_chunk=token_chunk,
+            rule=rule,
+            quantile=quantile,
         )
         self.result: ReplayResult | None = None
         self.targets: ReplayTargets | None = None
@@ -283,7 +304,7 @@ class ActivationReplay(Intervention):
         c = self.config
         name = "replay" if c.select == "low" else "replay-high"
         return (
-            f"{name}[tau={c.tau:g},alpha={c.alpha:g},steps={c.steps},layers={c.layers[0]}-{c.layers[-1]}"
+            f"{name}[{c.mask.tag()},alpha={c.alpha:g},steps={c.steps},layers={c.layers[0]}-{c.layers[-1]}"
             f",k={c.topk},{c.variant}]"
         )
 
@@ -307,8 +328,8 @@ class ActivationReplay(Intervention):
         skipped = 0
         if not targets.selected:
             warnings.warn(
-                f"{self.setting()}: the entropy mask is empty at every layer (tau={config.tau:g}); "
-                "offsets stay zero and decoding is unchanged",
+                f"{self.setting()}: the entropy mask is empty at every layer; "
+                "offsets stay zero and decoding is unchanged" + config.mask.empty_hint(),
                 stacklevel=2,
             )
             losses, final, skipped = [0.0] * config.steps, 0.0, config.steps
