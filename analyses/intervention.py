@@ -4,9 +4,13 @@ Strategies (``STRATEGIES``):
 
 * ``rlvr``: the RLVR model as is; ``base``: the base model as is;
 * ``hard-low`` / ``hard-high``: :class:`~lens.interventions.HardInjection` of the base's residual
-  stream at low / high base-entropy visual tokens (τ·max rule, released depth convention);
+  stream at low / high base-entropy visual tokens (released depth convention);
 * ``replay`` / ``replay-high``: :class:`~lens.interventions.ActivationReplay` (released algorithm)
   with the low-entropy mask or the inverted one.
+
+The mask rule (``mask_rule``) is shared by injection and replay: ``"tau_max"`` (the released
+τ·max rule, the default) or ``"quantile"`` (rank-based: the lowest-entropy fraction q of the visual
+tokens per layer; use it where the base entropies are near-uniform, e.g. on the organism).
 
 Per item and strategy: one greedy decode and ``n`` samples at temperature 1.0 (top-k/top-p off,
 vision special ids suppressed), scored with a verifier. The sampling seed depends on the item only,
@@ -34,9 +38,12 @@ import pandas as pd
 
 from lens.errors import ConfigError, DatasetError
 from lens.interventions import ActivationReplay, Baseline, HardInjection, Intervention
+from lens.masks import EntropyMask
 from lens.metrics import bootstrap_ci, paired_bootstrap_ci, pass_at_k_array
 from lens.records import RecordWriter, atomic_write, iter_records
 
+#: Mask rules an intervention run accepts (``fixed`` needs per-layer thresholds; use the API).
+MASK_CHOICES = ("tau_max", "quantile")
 STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -77,7 +84,9 @@ class InterventionRunConfig:
     Attributes:
         strategies: Which of :data:`STRATEGIES` to run.
         layers: Layers for injection and replay (``None``: :func:`default_layers`).
-        tau: τ of the mask (injection and replay).
+        tau: τ of the ``tau_max`` mask (injection and replay).
+        mask_rule: ``"tau_max"`` (released) or ``"quantile"`` (rank-based), injection and replay.
+        quantile: q of the ``quantile`` mask.
         alpha: Replay step size.
         steps: Replay steps.
         topk: Replay top-k.
@@ -92,6 +101,8 @@ class InterventionRunConfig:
     strategies: tuple[str, ...] = STRATEGIES
     layers: tuple[int, ...] | None = None
     tau: float = 0.4
+    mask_rule: str = "tau_max"
+    quantile: float = 0.3
     alpha: float = 10.0
     steps: int = 25
     topk: int = 50
@@ -113,6 +124,14 @@ class InterventionRunConfig:
             raise ConfigError(f"k values {wrong} are outside [1, n={self.n}]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.mask_rule not in MASK_CHOICES:
+            raise ConfigError(f"mask rule must be one of {', '.join(MASK_CHOICES)}; got {self.mask_rule!r}")
+        _ = self.mask  # validates tau and quantile
+
+    @property
+    def mask(self) -> EntropyMask:
+        """The injection/replay selection rule."""
+        return EntropyMask(rule=self.mask_rule, tau=self.tau, quantile=self.quantile)
 
 
 def make_intervention(strategy: str, config: InterventionRunConfig, n_layers: int) -> Intervention:
@@ -124,7 +143,9 @@ def make_intervention(strategy: str, config: InterventionRunConfig, n_layers: in
         return Baseline("base")
     select = "high" if strategy.endswith("-high") else "low"
     if strategy.startswith("hard"):
-        return HardInjection(layers=layers, select=select, rule="tau_max", tau=config.tau)
+        return HardInjection(
+            layers=layers, select=select, rule=config.mask_rule, tau=config.tau, quantile=config.quantile
+        )
     return ActivationReplay(
         tau=config.tau,
         alpha=config.alpha,
@@ -133,6 +154,8 @@ def make_intervention(strategy: str, config: InterventionRunConfig, n_layers: in
         topk=config.topk,
         variant=config.variant,
         select=select,
+        rule=config.mask_rule,
+        quantile=config.quantile,
     )
 
 

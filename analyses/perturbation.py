@@ -15,7 +15,9 @@ incorrect ones. It does not publish the protocol (papers.md §1.5), so the choic
   resumed run or a subset gives the same numbers.
 - **Drift.** Mean KL(P_base ‖ P_rlvr) of the logit lens (full vocabulary, float32, as in
   :mod:`lens.logit_lens`) pooled over the Activation Replay mask: visual tokens whose clean base
-  entropy is ≤ τ · the layer's max over visual tokens (τ = 0.4), over layers ``0 .. L/2 - 1`` by
+  entropy is ≤ τ · the layer's max over visual tokens (τ = 0.4; or, with ``mask_rule="quantile"``,
+  ≤ the layer's q-quantile over visual tokens, for models whose early-layer entropies are
+  near-uniform and τ·max selects nothing), over layers ``0 .. L/2 - 1`` by
   default (the released config replays the first 16 of 28 layers). The mask comes from the clean
   base, so it is the same set of positions at every σ. ``kl_visual_all`` (all visual tokens of those
   layers) is kept as a contrast.
@@ -54,7 +56,7 @@ from torch import nn
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.inputs import PairInputs
 from lens.logit_lens import LogitLens, distribution_stats
-from lens.masks import check_tau, tau_max_mask
+from lens.masks import EntropyMask
 from lens.records import RecordWriter, atomic_write, iter_records
 from lens.tracing import capture_residuals
 
@@ -118,6 +120,8 @@ class PerturbConfig:
             sorted, deduplicated, and 0 is added when missing (the clean reference).
         kinds: Noise kinds, a subset of :data:`NOISE_KINDS`.
         tau: Activation Replay mask coefficient: visual tokens with base entropy ≤ τ·max per layer.
+        mask_rule: ``"tau_max"`` (the released τ·max rule) or ``"quantile"`` (rank-based).
+        quantile: q of the ``quantile`` rule: visual tokens with base entropy ≤ the layer's q-quantile.
         layers: Layers of the drift (default: the first half of the model's layers).
         seed: Seed of the noise and of the incorrect-answer sampling.
         incorrect: ``"sampled"`` (the model's own wrong samples, falling back to the offset) or
@@ -131,6 +135,8 @@ class PerturbConfig:
     sigmas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)
     kinds: tuple[str, ...] = NOISE_KINDS
     tau: float = 0.4
+    mask_rule: str = "tau_max"
+    quantile: float = 0.3
     layers: tuple[int, ...] | None = None
     seed: int = 0
     incorrect: str = "sampled"
@@ -147,12 +153,19 @@ class PerturbConfig:
         if bad or not kinds:
             raise ConfigError(f"noise kinds must be among {', '.join(NOISE_KINDS)}; got {list(self.kinds)}")
         object.__setattr__(self, "kinds", kinds)
-        check_tau(self.tau)
+        if self.mask_rule not in ("tau_max", "quantile"):
+            raise ConfigError(f"mask rule must be 'tau_max' or 'quantile', got {self.mask_rule!r}")
+        _ = self.mask  # validates tau and quantile
         if self.incorrect not in INCORRECT_SOURCES:
             raise ConfigError(f"incorrect must be one of {INCORRECT_SOURCES}, got {self.incorrect!r}")
         for name in ("n_incorrect_draws", "max_new_tokens", "n_boot", "token_chunk"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def mask(self) -> EntropyMask:
+        """The low-entropy drift mask rule."""
+        return EntropyMask(rule=self.mask_rule, tau=self.tau, quantile=self.quantile)
 
     def drift_layers(self, n_layers: int) -> tuple[int, ...]:
         """The configured layers, or the first half of ``n_layers``; validated."""
@@ -302,9 +315,18 @@ class BaseReference:
 
 
 def base_reference(
-    pair: Any, inputs: PairInputs, layers: Sequence[int], tau: float, chunk: int
+    pair: Any, inputs: PairInputs, layers: Sequence[int], mask: EntropyMask | float, chunk: int
 ) -> BaseReference:
-    """Run the clean base once: residuals and entropies at the visual positions, and the mask."""
+    """Run the clean base once: residuals and entropies at the visual positions, and the mask.
+
+    Args:
+        pair: The model pair.
+        inputs: One encoded sample with an image.
+        layers: Drift layers.
+        mask: The selection rule, or a τ for the released τ·max rule.
+        chunk: Lens chunk size.
+    """
+    rule = mask if isinstance(mask, EntropyMask) else EntropyMask(tau=mask)
     visual = inputs.visual_positions
     if visual.numel() == 0:
         raise InputError("the sample has no visual tokens; the perturbation study needs an image")
@@ -318,8 +340,8 @@ def base_reference(
                 logp = torch.log_softmax(lens.logits(stacked[li, start : start + chunk]), dim=-1)
                 entropy[li, start : start + chunk] = -(logp.exp() * logp).sum(-1).cpu()
     candidates = torch.ones(stacked.shape[1], dtype=torch.bool)
-    mask = tau_max_mask(entropy, candidates, tau)
-    return BaseReference(tuple(layers), stacked, entropy, mask, lens)
+    selected = rule.select(entropy, candidates)
+    return BaseReference(tuple(layers), stacked, entropy, selected, lens)
 
 
 def visual_kl(
@@ -499,7 +521,7 @@ def perturb_record(
         "incorrect": pair.encode(sample.question, images, response=incorrect),
     }
     layers = config.drift_layers(pair.n_layers)
-    reference = base_reference(pair, answers["correct"], layers, config.tau, config.token_chunk)
+    reference = base_reference(pair, answers["correct"], layers, config.mask, config.token_chunk)
     rows = []
     clean: dict[str, Any] | None = None
     for kind in config.kinds:

@@ -1,5 +1,8 @@
 """Activation Replay ablations: a τ × α grid (the paper's Table 5), loss curves and a heatmap.
 
+With the rank-based mask (``InterventionRunConfig.mask_rule == "quantile"``) the grid's first axis is
+the mask quantile q instead of τ (``ReplayGrid.quantiles``); tables and the heatmap say which.
+
 Every grid cell is one :class:`~lens.interventions.ActivationReplay` setting run over the dataset
 through :func:`analyses.intervention.run_settings` (same records, same resume), next to the plain
 RLVR baseline so each cell gets a paired difference with a bootstrap CI.
@@ -26,28 +29,43 @@ from analyses.intervention import (
 )
 from lens.errors import ConfigError
 from lens.interventions import ActivationReplay, Baseline, Intervention
-from lens.masks import check_tau
+from lens.masks import check_quantile, check_tau
 
 #: The paper's Table 5 grid.
 PAPER_TAUS = (0.2, 0.4)
 PAPER_ALPHAS = (10.0, 20.0, 40.0)
+#: The mask quantiles swept with the rank-based rule.
+DEFAULT_QUANTILES = (0.2, 0.3)
 
 
 @dataclass(frozen=True)
 class ReplayGrid:
-    """The τ × α grid (every other replay setting comes from the run config)."""
+    """The (τ or q) × α grid (every other replay setting comes from the run config).
+
+    Attributes:
+        taus: τ values, the first axis when the run config's ``mask_rule`` is ``"tau_max"``.
+        alphas: Step sizes.
+        quantiles: Mask quantiles, the first axis when ``mask_rule`` is ``"quantile"``.
+    """
 
     taus: tuple[float, ...] = PAPER_TAUS
     alphas: tuple[float, ...] = PAPER_ALPHAS
+    quantiles: tuple[float, ...] = DEFAULT_QUANTILES
 
     def __post_init__(self) -> None:
-        if not self.taus or not self.alphas:
-            raise ConfigError("the grid needs at least one tau and one alpha")
+        if not self.taus or not self.alphas or not self.quantiles:
+            raise ConfigError("the grid needs at least one tau, one quantile and one alpha")
         for tau in self.taus:
             check_tau(tau)
+        for quantile in self.quantiles:
+            check_quantile(quantile)
         bad = [a for a in self.alphas if not a > 0]
         if bad:
             raise ConfigError(f"alpha must be > 0, got {bad}")
+
+    def mask_values(self, rule: str) -> tuple[str, tuple[float, ...]]:
+        """The first axis for a mask rule: ``("tau", taus)`` or ``("quantile", quantiles)``."""
+        return ("quantile", self.quantiles) if rule == "quantile" else ("tau", self.taus)
 
 
 @dataclass(frozen=True)
@@ -64,14 +82,17 @@ class ReplayGridResult:
 def grid_interventions(
     grid: ReplayGrid, config: InterventionRunConfig, n_layers: int, select: str = "low"
 ) -> list[tuple[str, Intervention]]:
-    """The RLVR baseline plus one replay per (τ, α)."""
+    """The RLVR baseline plus one replay per (τ or q, α), following ``config.mask_rule``."""
     layers = config.layers if config.layers is not None else default_layers(n_layers)
     out: list[tuple[str, Intervention]] = [("rlvr", Baseline("rlvr"))]
     name = "replay" if select == "low" else "replay-high"
-    for tau in grid.taus:
+    axis, values = grid.mask_values(config.mask_rule)
+    for value in values:
+        mask = {"tau": config.tau, "quantile": config.quantile, axis: value}
         for alpha in grid.alphas:
             replay = ActivationReplay(
-                tau=tau,
+                **mask,
+                rule=config.mask_rule,
                 alpha=alpha,
                 steps=config.steps,
                 layers=layers,
@@ -83,14 +104,20 @@ def grid_interventions(
     return out
 
 
-def _parse_setting(setting: str) -> dict[str, float]:
+def _parse_setting(setting: str) -> dict[str, Any]:
+    """``{"rule", "tau" | "quantile", "alpha"}`` from a replay setting string."""
     inside = setting[setting.index("[") + 1 : -1]
     pairs = dict(part.split("=", 1) for part in inside.split(",") if "=" in part)
-    return {"tau": float(pairs["tau"]), "alpha": float(pairs["alpha"])}
+    if "q" in pairs:
+        return {"rule": "quantile", "quantile": float(pairs["q"]), "alpha": float(pairs["alpha"])}
+    return {"rule": "tau_max", "tau": float(pairs["tau"]), "alpha": float(pairs["alpha"])}
 
 
 def ablation_table(per_item: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per (τ, α): greedy pass@1, Δ vs RLVR with its paired CI, first/final mean loss."""
+    """One row per (τ or q, α): greedy pass@1, Δ vs RLVR with its paired CI, first/final mean loss.
+
+    Columns ``rule`` and ``tau`` (τ·max rule) or ``quantile`` (rank-based rule) name the mask axis.
+    """
     rows = []
     greedy = summary[summary["metric"] == "greedy_pass@1"]
     for _, row in greedy[greedy["strategy"].str.startswith("replay")].iterrows():
@@ -149,7 +176,7 @@ def run_replay_grid(
     verify: Verifier | None = None,
     title: str | None = None,
 ) -> ReplayGridResult:
-    """Run the τ × α grid and write ``records.jsonl``, ``per_item.csv``, ``summary.csv``,
+    """Run the (τ or q) × α grid and write ``records.jsonl``, ``per_item.csv``, ``summary.csv``,
     ``ablation.csv``, ``replay_losses.csv``, ``ablation_heatmap.{png,pdf}`` and ``replay_loss.{png,pdf}``."""
     config = replace(config, strategies=("rlvr", "replay"))
     interventions = grid_interventions(grid, config, pair.n_layers, select)

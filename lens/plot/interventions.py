@@ -11,14 +11,21 @@ from lens.plot.style import COLUMN_WIDTH, DIVERGING, paper_style
 
 
 def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> Figure:
-    """Greedy pass@1 change vs RLVR over the τ × α grid (the paper's Table 5), annotated with the CI."""
+    """Greedy pass@1 change vs RLVR over the τ × α grid (the paper's Table 5), annotated with the CI.
+
+    The first axis is the mask quantile q instead of τ when the table has a ``quantile`` column
+    with values (the rank-based mask rule).
+    """
     value = "delta_vs_rlvr" if ablation["delta_vs_rlvr"].notna().any() else "greedy_pass@1"
-    taus = sorted(ablation["tau"].unique())
+    by_quantile = "quantile" in ablation and ablation["quantile"].notna().any()
+    axis = "quantile" if by_quantile else "tau"
+    ablation = ablation[ablation[axis].notna()]
+    taus = sorted(ablation[axis].unique())
     alphas = sorted(ablation["alpha"].unique())
     grid = np.full((len(taus), len(alphas)), np.nan)
     notes = [["" for _ in alphas] for _ in taus]
     for _, row in ablation.iterrows():
-        i, j = taus.index(row["tau"]), alphas.index(row["alpha"])
+        i, j = taus.index(row[axis]), alphas.index(row["alpha"])
         grid[i, j] = row[value]
         if value == "delta_vs_rlvr":
             # Two decimals for the CI: three overflow a cell at column width with the paper's 3 α values.
@@ -53,7 +60,7 @@ def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> F
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_yticks(range(len(taus)), [f"{t:g}" for t in taus])
         ax.set_xlabel("α (step size)")
-        ax.set_ylabel("τ (mask threshold)")
+        ax.set_ylabel("q (mask quantile)" if by_quantile else "τ (mask threshold, × max)")
         label = "Δ greedy pass@1 vs RLVR" if value == "delta_vs_rlvr" else "greedy pass@1"
         fig.colorbar(image, ax=ax, label=label)
         if title:

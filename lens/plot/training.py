@@ -38,7 +38,11 @@ def plot_replay_loss(
     frame = table.copy()
     if "loss" not in frame.columns and "mean_loss" in frame.columns:
         frame = frame.rename(columns={"mean_loss": "loss"}).assign(sample_id="mean")
-    if {"tau", "alpha"} <= set(frame.columns):
+    if {"quantile", "alpha"} <= set(frame.columns) and frame["quantile"].notna().all():
+        frame["setting"] = [
+            f"q={q:g}, α={a:g}" for q, a in zip(frame["quantile"], frame["alpha"], strict=True)
+        ]
+    elif {"tau", "alpha"} <= set(frame.columns):
         frame["setting"] = [f"τ={t:g}, α={a:g}" for t, a in zip(frame["tau"], frame["alpha"], strict=True)]
     missing = [c for c in ("sample_id", "step", "loss") if c not in frame.columns]
     if missing:
