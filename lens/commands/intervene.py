@@ -8,6 +8,22 @@ from pathlib import Path
 from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_layers
 
 
+def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--mask``/``--tau``/``--quantile``: the entropy mask rule shared by injection, replay and perturb."""
+    parser.add_argument(
+        "--mask",
+        default="tau_max",
+        metavar="RULE",
+        help="entropy mask rule: tau_max (released: base entropy <= tau x the layer's max over visual "
+        "tokens; default) or quantile (rank-based: <= the layer's q-quantile; use it when the "
+        "entropies are near-uniform, e.g. on the organism)",
+    )
+    parser.add_argument("--tau", type=float, default=0.4, help="tau of the tau_max mask (default 0.4)")
+    parser.add_argument(
+        "--quantile", type=float, default=0.3, help="q of the quantile mask, in (0, 1) (default 0.3)"
+    )
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     """Dataset, decoding and replay arguments shared by ``intervene`` and ``replay``."""
     parser.add_argument("--data", default=None, help="JSONL dataset (default: the organism's held-out set)")
@@ -19,7 +35,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=4, help="decode budget (default 4, the organism's)"
     )
-    parser.add_argument("--tau", type=float, default=0.4, help="entropy mask tau (default 0.4)")
+    add_mask_arguments(parser)
     parser.add_argument("--alpha", type=float, default=10.0, help="replay step size (default 10)")
     parser.add_argument("--steps", type=int, default=25, help="replay gradient steps (default 25)")
     parser.add_argument("--topk", type=int, default=50, help="replay top-k (default 50)")
@@ -50,6 +66,8 @@ def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
         strategies=strategies,
         layers=parse_layers(args.layers),
         tau=args.tau,
+        mask_rule=args.mask,
+        quantile=args.quantile,
         alpha=args.alpha,
         steps=args.steps,
         topk=args.topk,
@@ -105,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_interventions(
         pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title
     )
-    print(f"\n{len(samples)} items, {title}; value [95% bootstrap CI]:")
+    print(f"\n{len(samples)} items, {title}, mask {config.mask.describe()}; value [95% bootstrap CI]:")
     print(wide_table(result.summary).to_string())
     print(f"\nwrote {Path(args.out)}/summary.csv, per_item.csv, records.jsonl, pass_at_k.png")
     return 0

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_layers
+from lens.commands.intervene import add_mask_arguments
 
 KIND_CHOICES = {"pixel": ("pixel",), "embedding": ("embedding",), "both": ("pixel", "embedding")}
 
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kind", default="both", choices=sorted(KIND_CHOICES), help="noise kind (default both)"
     )
-    parser.add_argument("--tau", type=float, default=0.4, help="low-entropy mask coefficient (default 0.4)")
+    add_mask_arguments(parser)
     parser.add_argument("--layers", default=None, help="drift layers, e.g. 0-15 (default: first half)")
     parser.add_argument("--seed", type=int, default=0, help="noise and sampling seed (default 0)")
     parser.add_argument(
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         sigmas=parse_sigmas(args.sigmas),
         kinds=KIND_CHOICES[args.kind],
         tau=args.tau,
+        mask_rule=args.mask,
+        quantile=args.quantile,
         layers=parse_layers(args.layers),
         seed=args.seed,
         incorrect=args.incorrect,

@@ -1,4 +1,7 @@
-"""``lens replay``: Activation Replay over a τ × α grid (the paper's Table 5), with loss curves."""
+"""``lens replay``: Activation Replay over a τ × α grid (the paper's Table 5), with loss curves.
+
+With ``--mask quantile`` the grid's first axis is the mask quantile (``--quantiles``) instead of τ.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_pair_arguments(parser)
     add_run_arguments(parser, "runs/replay")
     parser.add_argument(
-        "--grid", action="store_true", help="sweep --taus x --alphas instead of one --tau/--alpha"
+        "--grid",
+        action="store_true",
+        help="sweep --taus (or --quantiles with --mask quantile) x --alphas instead of one setting",
     )
     parser.add_argument("--taus", default="0.2,0.4", help="grid taus (default 0.2,0.4)")
     parser.add_argument("--alphas", default="10,20,40", help="grid alphas (default 10,20,40)")
+    parser.add_argument(
+        "--quantiles", default="0.2,0.3", help="grid mask quantiles with --mask quantile (default 0.2,0.3)"
+    )
     parser.add_argument("--high", action="store_true", help="invert the mask (high-entropy replay control)")
     parser.set_defaults(handler=run)
 
@@ -30,11 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from analyses.replay import ReplayGrid, run_replay_grid
 
-    if args.grid:
-        grid = ReplayGrid(parse_floats(args.taus, "--taus"), parse_floats(args.alphas, "--alphas"))
-    else:
-        grid = ReplayGrid((args.tau,), (args.alpha,))
     config = run_config(args, ("rlvr", "replay"))
+    if args.grid:
+        grid = ReplayGrid(
+            parse_floats(args.taus, "--taus"),
+            parse_floats(args.alphas, "--alphas"),
+            parse_floats(args.quantiles, "--quantiles"),
+        )
+    else:
+        grid = ReplayGrid((args.tau,), (args.alpha,), (args.quantile,))
     samples = load_items(args)
     pair = load_pair_from_args(args)
     title = f"{pair.names[0]} → {pair.names[1]}"
@@ -49,9 +61,12 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         title=title,
     )
-    columns = ["tau", "alpha", "greedy_pass@1", "ci_low", "ci_high", "delta_vs_rlvr", "delta_ci_low",
+    axis = "quantile" if config.mask_rule == "quantile" else "tau"
+    columns = [axis, "alpha", "greedy_pass@1", "ci_low", "ci_high", "delta_vs_rlvr", "delta_ci_low",
                "delta_ci_high", "mean_first_loss", "mean_final_loss"]  # fmt: skip
-    print(f"\nActivation Replay, {len(samples)} items, {title}; 95% bootstrap CIs:")
+    print(
+        f"\nActivation Replay ({config.mask.describe()}), {len(samples)} items, {title}; 95% bootstrap CIs:"
+    )
     print(result.ablation[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(
         f"\nwrote {Path(args.out)}/ablation.csv, summary.csv, ablation_heatmap.png, replay_loss.png, records.jsonl"
