@@ -87,6 +87,31 @@ def test_replay_grid(pair, samples, tmp_path):
         assert (tmp_path / name).is_file()
 
 
+def test_quantile_rule_reaches_every_strategy_and_the_grid(pair, samples, tmp_path):
+    from dataclasses import replace
+
+    from lens.plot.interventions import plot_ablation_heatmap
+
+    config = replace(CONFIG, mask_rule="quantile", quantile=0.3)
+    hard = runner.make_intervention("hard-low", config, pair.n_layers)
+    replay = runner.make_intervention("replay-high", config, pair.n_layers)
+    assert (hard.config.rule, hard.config.quantile) == ("quantile", 0.3)
+    assert (replay.config.rule, replay.config.quantile, replay.config.select) == ("quantile", 0.3, "high")
+    grid = ReplayGrid(taus=(0.4,), alphas=(10.0,), quantiles=(0.2, 0.5))
+    result = run_replay_grid(pair, samples[:1], tmp_path, grid, config)
+    assert set(result.ablation["quantile"]) == {0.2, 0.5} and "tau" not in result.ablation
+    assert set(result.ablation["rule"]) == {"quantile"}
+    assert (result.per_item.loc[result.per_item["strategy"] == "replay", "first_loss"] > 0).all()
+    fig = plot_ablation_heatmap(result.ablation)
+    assert fig.axes[0].get_ylabel() == "q (mask quantile)"
+    assert (
+        plot_ablation_heatmap(result.ablation.rename(columns={"quantile": "tau"}))
+        .axes[0]
+        .get_ylabel()
+        .startswith("τ")
+    )
+
+
 def test_bad_config():
     with pytest.raises(ConfigError):
         InterventionRunConfig(strategies=("nope",))
@@ -96,6 +121,12 @@ def test_bad_config():
         ReplayGrid(taus=(0.0,))
     with pytest.raises(ConfigError):
         ReplayGrid(alphas=(-1.0,))
+    with pytest.raises(ConfigError, match="quantile"):
+        ReplayGrid(quantiles=(1.0,))
+    with pytest.raises(ConfigError, match="mask rule"):
+        InterventionRunConfig(mask_rule="fixed")
+    with pytest.raises(ConfigError, match="quantile"):
+        InterventionRunConfig(mask_rule="quantile", quantile=0.0)
 
 
 def test_cli_handlers_parse_and_reject_bad_input(tmp_path):

@@ -260,3 +260,25 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert "needs an 'answer'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_quantile_mask_gives_finite_low_entropy_drift(pair, items):
+    # τ tiny: the τ·max rule selects nothing and the drift is NaN; the rank-based rule always selects.
+    empty = pt.PerturbConfig(sigmas=(0.0, 0.5), kinds=("embedding",), tau=1e-6, incorrect="offset", n_boot=20)
+    record = pt.perturb_record(pair, items[0], empty)
+    assert record["n_masked"] == 0 and all(np.isnan(r["kl_low_entropy"]) for r in record["rows"])
+    config = pt.PerturbConfig(
+        sigmas=(0.0, 0.5),
+        kinds=("embedding",),
+        mask_rule="quantile",
+        quantile=0.3,
+        incorrect="offset",
+        n_boot=20,
+    )
+    record = pt.perturb_record(pair, items[0], config)
+    assert 0 < record["n_masked"] < record["n_visual"] * len(config.drift_layers(pair.n_layers))
+    assert all(np.isfinite(r["kl_low_entropy"]) and r["kl_low_entropy"] >= 0 for r in record["rows"])
+    with pytest.raises(ConfigError, match="mask rule"):
+        pt.PerturbConfig(mask_rule="fixed")
+    with pytest.raises(ConfigError, match="quantile"):
+        pt.PerturbConfig(mask_rule="quantile", quantile=1.0)

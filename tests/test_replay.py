@@ -32,6 +32,8 @@ def inputs(pair):
         {"select": "high", "tau": 0.6},
         {"normalize": False, "alpha": 0.5, "topk": 7},
         {"layers": (1, 3)},  # the last layer included, gaps allowed
+        {"rule": "quantile", "quantile": 0.3},  # the rank-based mask
+        {"rule": "quantile", "quantile": 0.5, "select": "high", "variant": "paper"},
     ],
 )
 def test_fast_equals_reference_at_every_step(pair, inputs, kwargs):
@@ -52,9 +54,22 @@ def test_loss_decreases_and_offsets_move(pair, inputs):
     assert set(result.n_selected) <= {0, 1, 2}
 
 
+def test_quantile_mask_is_non_empty_at_every_layer_and_loss_decreases(pair, inputs):
+    replay = ActivationReplay(rule="quantile", quantile=0.3, layers=(0, 1, 2), steps=10).prepare(pair, inputs)
+    result, n_visual = replay.result, inputs.visual_positions.numel()
+    assert set(result.n_selected) == {0, 1, 2}
+    # About a fraction q per layer, whatever the spread of the entropies.
+    assert all(1 <= n <= round(0.3 * n_visual) + 1 for n in result.n_selected.values())
+    assert result.losses[0] > 0 and result.final_loss < result.losses[0]
+    assert replay.setting().startswith("replay[q=0.3,alpha=10,")
+    high = ActivationReplay(rule="quantile", quantile=0.3, select="high", layers=(0, 1, 2), steps=1)
+    high.prepare(pair, inputs)
+    assert all(high.result.n_selected[i] + n == n_visual for i, n in result.n_selected.items())
+
+
 def test_empty_mask_keeps_offsets_zero_and_decoding_unchanged(pair, inputs):
     replay = ActivationReplay(tau=1e-9, layers=(0, 1), steps=3)
-    with pytest.warns(UserWarning, match="empty at every layer"):
+    with pytest.warns(UserWarning, match="empty at every layer.*--mask quantile"):
         replay.prepare(pair, inputs)
     assert torch.count_nonzero(replay.offsets) == 0
     assert replay.result.losses == (0.0, 0.0, 0.0) and replay.result.final_loss == 0.0
@@ -122,6 +137,8 @@ def test_bad_input(pair, inputs):
         ({"variant": "mid"}, "variant"),
         ({"select": "mid"}, "select"),
         ({"layers": ()}, "layers"),
+        ({"rule": "fixed"}, "rule"),
+        ({"rule": "quantile", "quantile": 1.0}, "quantile"),
     ):
         with pytest.raises(ConfigError, match=match):
             ActivationReplay(**kwargs)
