@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
     axis = "quantile" if config.mask_rule == "quantile" else "tau"
     columns = [axis, "alpha", "greedy_pass@1", "ci_low", "ci_high", "delta_vs_rlvr", "delta_ci_low",
                "delta_ci_high", "mean_first_loss", "mean_final_loss"]  # fmt: skip
-    print(
-        f"\nActivation Replay ({config.mask.describe()}), {len(samples)} items, {title}; 95% bootstrap CIs:"
-    )
+    rule = "τ·max mask" if axis == "tau" else "quantile mask"
+    mask = rule if args.grid else config.mask.describe()
+    print(f"\nActivation Replay ({mask}), {len(samples)} items, {title}; 95% bootstrap CIs:")
     print(result.ablation[columns].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(
         f"\nwrote {Path(args.out)}/ablation.csv, summary.csv, ablation_heatmap.png, replay_loss.png, records.jsonl"
