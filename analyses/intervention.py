@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,15 @@ def run_settings(
     from tqdm.auto import tqdm
 
     verify = verify or default_verifier(samples)
-    writer = RecordWriter(Path(out_dir) / "records.jsonl", resume=resume) if out_dir is not None else None
+    # Settings that change what a record holds; strategies, ks and n_boot do not (they select or summarise).
+    settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
+    for key in ("strategies", "ks", "n_boot"):
+        settings.pop(key)
+    writer = (
+        RecordWriter(Path(out_dir) / "records.jsonl", resume=resume, settings=settings)
+        if out_dir is not None
+        else None
+    )
     memory: list[dict[str, Any]] = []
     wanted: set[str] = set()
     total = len(samples) * len(interventions)

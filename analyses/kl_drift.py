@@ -8,7 +8,7 @@ tidy table is bucketed by base-entropy quantile, per layer and pooled, visual an
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -235,7 +235,9 @@ def run_drift(
         records = [{"sample_id": s.id, **drift_record(pair, s, config)} for s in samples]
     else:
         out = Path(out_dir)
-        writer = RecordWriter(out / "records.jsonl", resume=resume)
+        settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
+        settings.pop("n_buckets")  # bucketing happens after the records
+        writer = RecordWriter(out / "records.jsonl", resume=resume, settings=settings)
         todo = [s for s in samples if s.id not in writer]
         for sample in tqdm(
             todo,

@@ -43,7 +43,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -813,7 +813,9 @@ def run_perturbation(
         records = [{"sample_id": str(s.id), **rec} for s, rec in records_for(samples)]
     else:
         out = Path(out_dir)
-        writer = RecordWriter(out / "records.jsonl", resume=resume)
+        settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
+        settings.pop("n_boot")  # statistics are computed after the records
+        writer = RecordWriter(out / "records.jsonl", resume=resume, settings=settings)
         for sample, record in records_for([s for s in samples if str(s.id) not in writer]):
             writer.write(str(sample.id), record)
         wanted = {str(s.id) for s in samples}

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lens.errors import DatasetError
+from lens.errors import ConfigError, DatasetError
 
 
 class RecordWriter:
@@ -23,16 +23,34 @@ class RecordWriter:
     Args:
         path: The JSONL file.
         resume: Keep existing records and skip their samples; otherwise start afresh.
+        settings: What the records depend on (model names, config). Stored beside the records
+            (``<name>.settings.json``); resuming with different settings is refused, because the
+            old records would silently be mixed with new ones.
+
+    Raises:
+        ConfigError: On resume, when ``settings`` differ from the stored ones.
     """
 
-    def __init__(self, path: str | Path, resume: bool = True) -> None:
+    def __init__(self, path: str | Path, resume: bool = True, settings: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.settings_path = self.path.with_name(self.path.stem + ".settings.json")
         self.done: set[str] = set()
+        wanted = None if settings is None else json.loads(json.dumps(settings, sort_keys=True, default=str))
         if self.path.exists() and resume:
+            if wanted is not None and self.settings_path.exists():
+                stored = json.loads(self.settings_path.read_text())
+                if stored != wanted:
+                    changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+                    raise ConfigError(
+                        f"{self.path} holds records made with other settings ({', '.join(changed)}); "
+                        "rerun with --no-resume or use another output folder"
+                    )
             self._recover()
         elif self.path.exists():
             self.path.unlink()
+        if wanted is not None:
+            atomic_write(self.settings_path, lambda tmp: Path(tmp).write_text(json.dumps(wanted, indent=1)))
 
     def _recover(self) -> None:
         raw = self.path.read_bytes()

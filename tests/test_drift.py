@@ -208,3 +208,20 @@ def test_text_only_pair_drift(lm_pair, make_dataset):
     result = run_drift(lm_pair, samples, None, DriftConfig(n_buckets=2))
     assert set(result.table["token_group"]) == {"text"}
     assert (result.table["kl_base_rlvr"] >= 0).all()
+
+
+def test_resume_with_other_settings_is_refused(vl_pair, make_dataset, tmp_path):
+    """Records made with other settings are never silently mixed with new ones."""
+    from analyses.kl_drift import DriftConfig, run_drift
+    from lens.data import load_jsonl
+    from lens.errors import ConfigError
+
+    samples = load_jsonl(make_dataset(2))
+    out = tmp_path / "out"
+    run_drift(vl_pair, samples, out, DriftConfig(layers=(0, 1)))
+    # Bucketing is applied after the records: a different bucket count resumes fine.
+    run_drift(vl_pair, samples, out, DriftConfig(layers=(0, 1), n_buckets=3))
+    with pytest.raises(ConfigError, match="other settings.*layers"):
+        run_drift(vl_pair, samples, out, DriftConfig(layers=(0, 2)))
+    result = run_drift(vl_pair, samples, out, DriftConfig(layers=(0, 2)), resume=False)
+    assert sorted(result.table["layer"].unique()) == [0, 2]
