@@ -254,7 +254,8 @@ NOTEBOOKS["02_perturbation"] = {
             config = PerturbConfig(
                 sigmas=(0.1, 0.2, 0.4, 0.8),  # 0 (clean) is always added
                 kinds=("pixel", "embedding"),
-                tau=0.4,
+                mask_rule="quantile",  # see the note in 03_interventions: tau x max is empty here
+                quantile=0.3,
                 incorrect="sampled",  # the RLVR model's own wrong answers, else answer + 1
                 n_boot=1000,
                 seed=0,
@@ -350,11 +351,14 @@ NOTEBOOKS["03_interventions"] = {
         (
             "code",
             """
+            # The released rule (entropy <= tau x max over visual tokens) selects no visual token on the organism:
+            # its early-layer visual readouts are near-uniform (5.0-5.6 nats of ln 272). The rank-based
+            # rule (the lowest-entropy 30% per layer) is used instead; on 7B models keep the default.
             sample = organism.heldout(1)[0]
             inputs = pair.encode(sample.question, [sample.image])
             for intervention in (
-                HardInjection(layers=layers, tau=0.4, select="low"),
-                ActivationReplay(tau=0.4, alpha=10.0, steps=25, layers=layers),
+                HardInjection(layers=layers, rule="quantile", quantile=0.3, select="low"),
+                ActivationReplay(rule="quantile", quantile=0.3, alpha=10.0, steps=25, layers=layers),
             ):
                 intervention.prepare(pair, inputs)
                 text = intervention.generate(pair, inputs, max_new_tokens=4).texts[0]
@@ -373,7 +377,9 @@ NOTEBOOKS["03_interventions"] = {
             "code",
             """
             N_ITEMS = 24
-            config = InterventionRunConfig(n=8, ks=(1, 2, 4, 8), tau=0.4, alpha=10.0, steps=25, seed=0)
+            config = InterventionRunConfig(
+                n=8, ks=(1, 2, 4, 8), mask_rule="quantile", quantile=0.3, alpha=10.0, steps=25, seed=0
+            )
             samples = organism.heldout(N_ITEMS)
             result = run_interventions(pair, samples, RUN, config, resume=False, verify=organism.verify)
             wide_table(result.summary)
@@ -455,13 +461,15 @@ NOTEBOOKS["04_replay"] = {
             from lens.plot.training import plot_replay_loss
 
             N_ITEMS = 16  # 7 settings x 16 items; each replay cell optimises 25 steps per item
-            grid = ReplayGrid(taus=(0.2, 0.4), alphas=(10.0, 20.0, 40.0))  # the paper's grid
-            config = InterventionRunConfig(n=8, ks=(1, 2, 4, 8), steps=25, seed=0)
+            # The paper's grid is tau in {0.2, 0.4} x alpha in {10, 20, 40}; on the organism the tau x max
+            # mask is empty (near-uniform visual readouts), so the mask is rank-based: q = lowest fraction.
+            grid = ReplayGrid(quantiles=(0.2, 0.3), alphas=(10.0, 20.0, 40.0))
+            config = InterventionRunConfig(n=8, ks=(1, 2, 4, 8), mask_rule="quantile", steps=25, seed=0)
             pair = lens.load_pair("organism")
             result = run_replay_grid(
                 pair, organism.heldout(N_ITEMS), RUN, grid, config, resume=False, verify=organism.verify
             )
-            columns = ["tau", "alpha", "greedy_pass@1", "delta_vs_rlvr", "delta_ci_low", "delta_ci_high"]
+            columns = ["quantile", "alpha", "greedy_pass@1", "delta_vs_rlvr", "delta_ci_low", "delta_ci_high"]
             result.ablation[columns + ["mean_first_loss", "mean_final_loss"]].round(4)
             """,
         ),
@@ -476,7 +484,7 @@ NOTEBOOKS["04_replay"] = {
             "md",
             """
             pass@k of the RLVR model and of every grid cell. Every cell is the strategy `replay`, so
-            each curve is labelled by its (τ, α) setting.
+            each curve is labelled by its (q, α) setting.
             """,
         ),
         (
@@ -486,7 +494,7 @@ NOTEBOOKS["04_replay"] = {
                 if not setting.startswith("replay"):
                     return setting
                 params = dict(p.split("=") for p in setting[setting.index("[") + 1 : -1].split(",") if "=" in p)
-                return f"replay τ={params['tau']}, α={params['alpha']}"
+                return f"replay q={params['q']}, α={params['alpha']}"
 
 
             passk = result.summary.assign(strategy=result.summary["setting"].map(label))

@@ -81,7 +81,8 @@ def plot_replay_loss(
         ax.set_ylabel("replay loss / step-0 loss" if relative else "replay loss (masked KL) [nats]")
         if log_y:
             ax.set_yscale("log")
-        ax.legend(loc="upper right")
+        # Outside the axes: the curves of a grid fill the whole panel.
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
         if title:
             ax.set_title(title)
         fig.tight_layout()
