@@ -127,7 +127,7 @@ def run_reproduce(
     # 1. Drift: base→rlvr and base→control, side by side.
     t0 = stage("drift")
     drift_samples = organism.heldout(config.drift_items)
-    frames = []
+    frames, rho_frames = [], []
     for twin in organism.KNOWN_PAIRS:
         pair = organism.load_pair(rlvr=twin)
         result = run_drift(
@@ -139,10 +139,8 @@ def run_reproduce(
             title=f"base → {twin}",
         )
         frames.append(bucket_table(result.table).assign(comparison=f"base → {twin}"))
-        rho = result.correlations[result.correlations["scope"] == "pooled"].assign(
-            comparison=f"base → {twin}"
-        )
-        frames[-1].attrs["rho"] = rho
+        pooled_rho = result.correlations[result.correlations["scope"] == "pooled"]
+        rho_frames.append(pooled_rho.assign(comparison=f"base → {twin}"))
     buckets = pd.concat(frames, ignore_index=True)
     fig = plot_kl_by_entropy(buckets, title="KL drift by base entropy: RLVR vs SFT control")
     save_figure(fig, out / "kl_by_entropy_rlvr_vs_control")
@@ -152,7 +150,7 @@ def run_reproduce(
         index="bucket", columns=["token_group", "comparison"], values="mean_kl"
     )
     pooled.columns = [f"{g}: {c}" for g, c in pooled.columns]
-    rhos = pd.concat([f.attrs["rho"] for f in frames])[["comparison", "token_group", "spearman_rho", "n"]]
+    rhos = pd.concat(rho_frames)[["comparison", "token_group", "spearman_rho", "n"]]
     lines += [
         "## 1. KL drift by base entropy",
         "",
@@ -163,7 +161,7 @@ def run_reproduce(
     _figure(
         lines, out, out / "kl_by_entropy_rlvr_vs_control.png", "KL by base-entropy bucket, RLVR vs control"
     )
-    lines += [_md_table(pooled.reset_index(), ".4f"), "", _md_table(rhos), ""]
+    lines += [_md_table(pooled.reset_index().astype({"bucket": int}), ".4f"), "", _md_table(rhos), ""]
 
     # 2. Greedy pass@1 and pass@k of base, rlvr and control.
     t0 = stage("pass@k evaluation")
@@ -180,14 +178,17 @@ def run_reproduce(
         organism.heldout(config.eval_items),
         organism.verify,
         eval_cfg,
-        writer=RecordWriter(out / "eval" / "records.jsonl"),
+        writer=RecordWriter(
+            out / "eval" / "records.jsonl",
+            settings={k: v for k, v in asdict(eval_cfg).items() if k not in ("ks", "n_boot")},
+        ),
         progress=progress,
     )
     ev.write_outputs(eval_result, out / "eval", title="organism pass@k")
     timings["eval"] = time.perf_counter() - t0
     lines += ["## 2. Greedy pass@1 and pass@k (base, RLVR, SFT control)", ""]
     _figure(lines, out, out / "eval" / "pass_at_k.png", "pass@k on held-out items")
-    lines += [ev.wide_table(eval_result.summary).to_markdown(), ""]
+    lines += [ev.wide_table(eval_result.summary).reset_index().to_markdown(index=False), ""]
     if len(eval_result.differences):
         lines += [
             "Paired differences against the base (bootstrap 95% CIs):",
@@ -222,7 +223,7 @@ def run_reproduce(
     ]
     if (out / "interventions" / "pass_at_k.png").exists():
         _figure(lines, out, out / "interventions" / "pass_at_k.png", "pass@k per strategy")
-    lines += [wide_table(inter.summary).to_markdown(), ""]
+    lines += [wide_table(inter.summary).reset_index().to_markdown(index=False), ""]
 
     # 4. The τ × α replay grid (the paper's Table 5).
     t0 = stage("replay grid")
