@@ -55,6 +55,7 @@ from torch import nn
 
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.inputs import PairInputs
+from lens.interventions.base import edit_input
 from lens.logit_lens import LogitLens, distribution_stats
 from lens.masks import EntropyMask
 from lens.records import RecordWriter, atomic_write, iter_records
@@ -224,22 +225,18 @@ def embedding_noise(
     layer0 = adapter.layers(model)[0]
     positions = visual_positions.long()
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        from_kwargs = not args
-        hidden = kwargs["hidden_states"] if from_kwargs else args[0]
+    def add_noise(hidden: torch.Tensor) -> torch.Tensor | None:
         if sigma == 0 or hidden.shape[1] <= int(positions.max()):
-            return None
+            return None  # clean run, or a decode step
         pos = positions.to(hidden.device)
         visual = hidden[0, pos].float()
         rms = visual.pow(2).mean().sqrt()
         info["rms"] = float(rms)
         noisy = hidden.clone()
         noisy[0, pos] = (visual + sigma * rms * eps.to(hidden.device)).to(hidden.dtype)
-        if from_kwargs:
-            return args, {**kwargs, "hidden_states": noisy}
-        return (noisy, *args[1:]), kwargs
+        return noisy
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = edit_input(layer0, add_noise)
     try:
         yield info
     finally:

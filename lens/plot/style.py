@@ -63,7 +63,12 @@ def save_figure(fig: Figure, path: str | Path) -> list[Path]:
         atomic_write(
             target,
             lambda tmp, s=suffix: fig.savefig(
-                tmp, format=s[1:], dpi=RC["savefig.dpi"], bbox_inches=RC["savefig.bbox"]
+                tmp,
+                format=s[1:],
+                dpi=RC["savefig.dpi"],
+                bbox_inches=RC["savefig.bbox"],
+                # No creation date in the PDF: regenerating a figure gives the same bytes.
+                metadata={"CreationDate": None} if s == ".pdf" else None,
             ),
         )
         written.append(target)
