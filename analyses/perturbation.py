@@ -56,7 +56,7 @@ from torch import nn
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.inputs import PairInputs
 from lens.interventions.base import edit_input
-from lens.logit_lens import LogitLens, distribution_stats
+from lens.logit_lens import LogitLens, distribution_stats, lens_entropy
 from lens.masks import EntropyMask
 from lens.records import RecordWriter, atomic_write, iter_records
 from lens.tracing import capture_residuals
@@ -330,12 +330,7 @@ def base_reference(
     hidden, _ = capture_residuals(pair.base, pair.adapter, inputs.model_inputs, layers)
     stacked = torch.stack([h[visual] for h in hidden])
     lens = LogitLens(pair.base, pair.adapter)
-    entropy = torch.empty(stacked.shape[:2])
-    with torch.no_grad():
-        for li in range(stacked.shape[0]):
-            for start in range(0, stacked.shape[1], chunk):
-                logp = torch.log_softmax(lens.logits(stacked[li, start : start + chunk]), dim=-1)
-                entropy[li, start : start + chunk] = -(logp.exp() * logp).sum(-1).cpu()
+    entropy = torch.stack([lens_entropy(lens, layer_hidden, chunk) for layer_hidden in stacked]).cpu()
     candidates = torch.ones(stacked.shape[1], dtype=torch.bool)
     selected = rule.select(entropy, candidates)
     return BaseReference(tuple(layers), stacked, entropy, selected, lens)

@@ -80,6 +80,28 @@ class LogitLens:
         return out if self.bias is None else out + self.bias[rows]
 
 
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(``logits``) over the last axis, with two ``[n, vocab]`` temporaries.
+
+    ``H = log S − Σ e·(z − m) / S`` with ``m = max z``, ``e = exp(z − m)``, ``S = Σ e``: the same value
+    as ``−Σ p log p`` from ``log_softmax`` (to float32 rounding) at about half the memory traffic,
+    which matters at a 152k vocabulary.
+    """
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    weights = shifted.exp()
+    total = weights.sum(-1)
+    return total.log() - torch.einsum("nv,nv->n", weights, shifted) / total
+
+
+def lens_entropy(lens: LogitLens, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Float32 logit-lens entropy (nats) of ``[n, hidden]`` activations, ``chunk`` rows at a time."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], chunk):
+            out[start : start + chunk] = entropy_from_logits(lens.logits(hidden[start : start + chunk]))
+    return out
+
+
 def distribution_stats(
     base_logits: torch.Tensor, rlvr_logits: torch.Tensor, topk: int = 0
 ) -> dict[str, torch.Tensor]:

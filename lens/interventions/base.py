@@ -21,7 +21,6 @@ from torch.utils.hooks import RemovableHandle
 
 from lens.errors import ConfigError, InputError
 from lens.inputs import PairInputs
-from lens.logit_lens import LogitLens
 
 #: Keys of ``model_inputs`` that carry pixels (the vision tower's input).
 PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
@@ -143,28 +142,6 @@ def capture_block_residuals(
             model(**model_inputs, use_cache=False)
         except _StopForward:
             pass
-    return out
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(``logits``) over the last axis, with two ``[n, vocab]`` temporaries.
-
-    ``H = log S − Σ e·(z − m) / S`` with ``m = max z``, ``e = exp(z − m)``, ``S = Σ e``: the same value
-    as ``−Σ p log p`` from ``log_softmax`` (to float32 rounding) at about half the memory traffic,
-    which matters at a 152k vocabulary.
-    """
-    shifted = logits - logits.max(dim=-1, keepdim=True).values
-    weights = shifted.exp()
-    total = weights.sum(-1)
-    return total.log() - torch.einsum("nv,nv->n", weights, shifted) / total
-
-
-def lens_entropy(lens: LogitLens, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Float32 logit-lens entropy (nats) of ``[n, hidden]`` activations, ``chunk`` rows at a time."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    with torch.no_grad():
-        for start in range(0, hidden.shape[0], chunk):
-            out[start : start + chunk] = entropy_from_logits(lens.logits(hidden[start : start + chunk]))
     return out
 
 

@@ -34,10 +34,9 @@ from lens.interventions.base import (
     check_layers,
     edit_input,
     edit_output,
-    lens_entropy,
     require_visual,
 )
-from lens.logit_lens import LogitLens
+from lens.logit_lens import LogitLens, lens_entropy
 from lens.masks import MASK_RULES, RELEASED_THRESHOLDS, EntropyMask, check_tau
 
 RULES = MASK_RULES

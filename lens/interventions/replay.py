@@ -60,12 +60,11 @@ from lens.interventions.base import (
     check_layers,
     edit_input,
     edit_output,
-    entropy_from_logits,
     frozen_weights,
     installed,
     require_visual,
 )
-from lens.logit_lens import LogitLens
+from lens.logit_lens import LogitLens, entropy_from_logits
 from lens.masks import EntropyMask
 
 
