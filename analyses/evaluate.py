@@ -269,32 +269,16 @@ def write_outputs(result: EvalResult, out_dir: str | Path, title: str | None = N
     import matplotlib.pyplot as plt
 
     from lens.plot.style import save_figure
-    from lens.records import atomic_write
+    from lens.records import atomic_write, write_tables
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, df in (
-        ("per_item", result.per_item),
-        ("summary", result.summary),
-        ("differences", result.differences),
-    ):
-        written.append(atomic_write(out / f"{name}.csv", lambda p, df=df: df.to_csv(p, index=False)))
-    md = (
-        wide_table(result.summary).to_markdown()
-        if _has_tabulate()
-        else wide_table(result.summary).to_string()
-    )
+    tables = {"per_item": result.per_item, "summary": result.summary, "differences": result.differences}
+    written += write_tables(out, tables)
+    md = wide_table(result.summary).to_markdown()
     written.append(atomic_write(out / "table.md", lambda p: Path(p).write_text(md + "\n")))
     fig = plot_pass_at_k(result.summary, title)
     written += save_figure(fig, out / "pass_at_k")
     plt.close(fig)
     return written
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

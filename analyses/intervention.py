@@ -40,7 +40,7 @@ from lens.errors import ConfigError, DatasetError
 from lens.interventions import ActivationReplay, Baseline, HardInjection, Intervention
 from lens.masks import EntropyMask
 from lens.metrics import bootstrap_ci, paired_bootstrap_ci, pass_at_k_array
-from lens.records import RecordWriter, atomic_write, iter_records
+from lens.records import RecordWriter, write_tables
 
 #: Mask rules an intervention run accepts (``fixed`` needs per-layer thresholds; use the API).
 MASK_CHOICES = ("tau_max", "quantile")
@@ -275,7 +275,7 @@ def run_settings(
             else:
                 memory.append({"sample_id": key, **record})
     bar.close()
-    records = memory if writer is None else [r for r in iter_records(writer.path) if r["sample_id"] in wanted]
+    records = memory if writer is None else writer.read(wanted)
     return per_item_table(records)
 
 
@@ -351,11 +351,6 @@ def wide_table(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     order = list(dict.fromkeys(cells["column"]))
     wide = cells.pivot(index="strategy", columns="column", values="cell")[order]
     return wide.loc[list(dict.fromkeys(cells["strategy"]))]
-
-
-def write_tables(out_dir: Path, tables: dict[str, pd.DataFrame]) -> None:
-    for name, frame in tables.items():
-        atomic_write(out_dir / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
 
 
 def run_interventions(

@@ -19,7 +19,7 @@ from scipy import stats as sps
 from lens.data import check_images
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.logit_lens import LensConfig, pair_lens
-from lens.records import RecordWriter, atomic_write, iter_records, pack_array, unpack_array
+from lens.records import RecordWriter, pack_array, unpack_array, write_tables
 
 VISUAL, TEXT = "visual", "text"
 
@@ -248,19 +248,13 @@ def run_drift(
             total=len(samples),
         ):
             writer.write(sample.id, drift_record(pair, sample, config))
-        wanted = {s.id for s in samples}
-        records = [r for r in iter_records(writer.path) if r["sample_id"] in wanted]
+        records = writer.read(s.id for s in samples)
     table = drift_table(records)
     buckets = bucket_table(table, config.n_buckets)
     correlations = correlation_table(table)
     if out_dir is not None:
         out = Path(out_dir)
-        for name, frame in (
-            ("drift_table", table),
-            ("drift_buckets", buckets),
-            ("drift_spearman", correlations),
-        ):
-            atomic_write(out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+        write_tables(out, {"drift_table": table, "drift_buckets": buckets, "drift_spearman": correlations})
         from lens.plot.drift import plot_kl_by_entropy
         from lens.plot.style import save_figure
 

@@ -58,7 +58,7 @@ from lens.inputs import PairInputs
 from lens.interventions.base import edit_input
 from lens.logit_lens import LogitLens, distribution_stats, lens_entropy
 from lens.masks import EntropyMask
-from lens.records import RecordWriter, atomic_write, iter_records
+from lens.records import RecordWriter, write_tables
 from lens.tracing import capture_residuals
 
 NOISE_KINDS = ("pixel", "embedding")
@@ -810,19 +810,15 @@ def run_perturbation(
         writer = RecordWriter(out / "records.jsonl", resume=resume, settings=settings)
         for sample, record in records_for([s for s in samples if str(s.id) not in writer]):
             writer.write(str(sample.id), record)
-        wanted = {str(s.id) for s in samples}
-        records = [r for r in iter_records(writer.path) if r["sample_id"] in wanted]
+        records = writer.read(str(s.id) for s in samples)
     table = perturb_table(records)
     correlations = correlation_table(table, config.n_boot, config.seed)
     summary = sigma_summary(table)
     if out_dir is not None:
         out = Path(out_dir)
-        for name, frame in (
-            ("perturb_table", table),
-            ("perturb_spearman", correlations),
-            ("perturb_summary", summary),
-        ):
-            atomic_write(out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+        write_tables(
+            out, {"perturb_table": table, "perturb_spearman": correlations, "perturb_summary": summary}
+        )
         import matplotlib.pyplot as plt
 
         from lens.plot.perturbation import plot_perturbation

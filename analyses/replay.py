@@ -25,11 +25,11 @@ from analyses.intervention import (
     default_layers,
     run_settings,
     summarise,
-    write_tables,
 )
 from lens.errors import ConfigError
 from lens.interventions import ActivationReplay, Baseline, Intervention
 from lens.masks import check_quantile, check_tau
+from lens.records import write_tables
 
 #: The paper's Table 5 grid.
 PAPER_TAUS = (0.2, 0.4)

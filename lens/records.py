@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,11 @@ class RecordWriter:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter_records(self.path)
 
+    def read(self, sample_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The records of ``sample_ids`` (in file order), e.g. this run's subset of a larger file."""
+        wanted = {str(i) for i in sample_ids}
+        return [r for r in iter_records(self.path) if r["sample_id"] in wanted]
+
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Read the complete records of a record file."""
@@ -138,3 +143,12 @@ def unpack_array(packed: dict[str, Any]) -> Any:
 
     raw = base64.b64decode(packed["b64"])
     return np.frombuffer(raw, dtype=packed["dtype"]).reshape(packed["shape"]).copy()
+
+
+def write_tables(out_dir: str | Path, tables: Mapping[str, Any]) -> list[Path]:
+    """Write each DataFrame as ``<out_dir>/<name>.csv``, atomically; returns the paths."""
+    out = Path(out_dir)
+    return [
+        atomic_write(out / f"{name}.csv", lambda tmp, f=frame: f.to_csv(tmp, index=False))
+        for name, frame in tables.items()
+    ]
