@@ -56,7 +56,7 @@ from torch import nn
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.inputs import PairInputs
 from lens.interventions.base import edit_input
-from lens.logit_lens import LogitLens, distribution_stats, lens_entropy
+from lens.logit_lens import LogitLens, distribution_stats, lens_entropy, lens_of
 from lens.masks import EntropyMask
 from lens.records import RecordWriter, write_tables
 from lens.tracing import capture_residuals
@@ -329,7 +329,7 @@ def base_reference(
         raise InputError("the sample has no visual tokens; the perturbation study needs an image")
     hidden, _ = capture_residuals(pair.base, pair.adapter, inputs.model_inputs, layers)
     stacked = torch.stack([h[visual] for h in hidden])
-    lens = LogitLens(pair.base, pair.adapter)
+    lens = lens_of(pair.base, pair.adapter)
     entropy = torch.stack([lens_entropy(lens, layer_hidden, chunk) for layer_hidden in stacked]).cpu()
     candidates = torch.ones(stacked.shape[1], dtype=torch.bool)
     selected = rule.select(entropy, candidates)
@@ -377,7 +377,7 @@ def measure(
         ``kl_low_entropy``, ``kl_visual_all``, and ``ppl_<answer>``, ``nll_<answer>``,
         ``n_tokens_<answer>`` per answer kind.
     """
-    rlvr_lens = LogitLens(pair.rlvr, pair.adapter)
+    rlvr_lens = lens_of(pair.rlvr, pair.adapter)
     out: dict[str, Any] = {"noise_kind": kind, "sigma": float(sigma)}
     for i, (answer_kind, inputs) in enumerate(answers.items()):
         if inputs.response_start is None:

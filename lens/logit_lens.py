@@ -8,6 +8,7 @@ memory does not grow with the number of layers and no ``[layers, tokens, vocab]`
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,25 @@ class LogitLens:
         w = self.weight[rows]  # [..., k, hidden]
         out = torch.einsum("...d,...kd->...k", x, w)
         return out if self.bias is None else out + self.bias[rows]
+
+
+_LENSES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], LogitLens]] = weakref.WeakKeyDictionary()
+
+
+def lens_of(model: nn.Module, adapter: ArchitectureAdapter) -> LogitLens:
+    """The model's :class:`LogitLens`, built once and reused.
+
+    For a bf16/fp16 model the lens holds a float32 copy of the unembedding (2.2 GB at 7B), which
+    must not be rebuilt for every sample. The cache is dropped if the unembedding tensor is replaced
+    or modified in place (its storage or version counter changes).
+    """
+    weight = adapter.unembed(model).weight
+    key = (weight.data_ptr(), weight._version)
+    hit = _LENSES.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, LogitLens(model, adapter))
+        _LENSES[model] = hit
+    return hit[1]
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -195,7 +215,7 @@ def pair_lens(
     layers = _check_layers(config.layers, adapter.n_layers(rlvr))
     base_hidden, _ = capture_residuals(base, adapter, inputs.model_inputs, layers)
     rlvr_hidden, _ = capture_residuals(rlvr, adapter, inputs.model_inputs, layers)
-    base_lens, rlvr_lens = LogitLens(base, adapter), LogitLens(rlvr, adapter)
+    base_lens, rlvr_lens = lens_of(base, adapter), lens_of(rlvr, adapter)
     n_tokens = inputs.n_tokens
     shape = (len(layers), n_tokens)
     out = {name: torch.empty(shape) for name in ("base_entropy", "rlvr_entropy", "kl_base_rlvr")}
@@ -228,5 +248,5 @@ def lens_self_check(model: nn.Module, adapter: ArchitectureAdapter, inputs: Pair
     last = adapter.n_layers(model) - 1
     hidden, logits = capture_residuals(model, adapter, inputs.model_inputs, [last], with_logits=True)
     with torch.no_grad():
-        lens_logits = LogitLens(model, adapter).logits(hidden[0])
+        lens_logits = lens_of(model, adapter).logits(hidden[0])
     return float((lens_logits - logits.float()).abs().max())

@@ -207,3 +207,19 @@ def test_lens_config_rejects_bad_values(vl_pair, vl_inputs):
         LensConfig(token_chunk=0)
     with pytest.raises(ConfigError, match="outside"):
         pair_lens(vl_pair.base, vl_pair.rlvr, vl_pair.adapter, vl_inputs, LensConfig(layers=(0, 9)))
+
+
+def test_lens_of_reuses_the_float32_unembedding_until_it_changes(vl_dirs):
+    from lens.logit_lens import lens_of
+
+    pair = load_pair(*vl_dirs, dtype="bfloat16")
+    first = lens_of(pair.rlvr, pair.adapter)
+    assert first.weight.dtype == torch.float32
+    assert lens_of(pair.rlvr, pair.adapter) is first  # no new 2.2 GB copy per sample at 7B
+    assert lens_of(pair.base, pair.adapter) is not first
+    head = pair.adapter.unembed(pair.rlvr)
+    with torch.no_grad():
+        head.weight.mul_(2)  # an in-place edit bumps the version counter
+    second = lens_of(pair.rlvr, pair.adapter)
+    assert second is not first
+    assert torch.equal(second.weight, head.weight.float())

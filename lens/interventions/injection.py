@@ -36,7 +36,7 @@ from lens.interventions.base import (
     edit_output,
     require_visual,
 )
-from lens.logit_lens import LogitLens, lens_entropy
+from lens.logit_lens import lens_entropy, lens_of
 from lens.masks import MASK_RULES, RELEASED_THRESHOLDS, EntropyMask, check_tau
 
 RULES = MASK_RULES
@@ -206,7 +206,7 @@ class HardInjection(Intervention):
         layers: tuple[int, ...],
         candidates: torch.Tensor,
     ) -> torch.Tensor:
-        lens = LogitLens(model, adapter)
+        lens = lens_of(model, adapter)
         idx = candidates.to(states[("out", layers[0])].device)
         rows = [lens_entropy(lens, states[("out", L)][idx], self.config.token_chunk) for L in layers]
         return torch.stack(rows).cpu()

@@ -64,7 +64,7 @@ from lens.interventions.base import (
     installed,
     require_visual,
 )
-from lens.logit_lens import LogitLens, entropy_from_logits
+from lens.logit_lens import entropy_from_logits, lens_of
 from lens.masks import EntropyMask
 
 
@@ -173,7 +173,7 @@ def base_targets(pair: Any, inputs: PairInputs, config: ReplayConfig) -> ReplayT
     visual = require_visual(inputs, "Activation Replay")
     layers = config.layers
     states = capture_block_residuals(pair.base, pair.adapter, inputs.model_inputs, outputs_of=layers)
-    lens = LogitLens(pair.base, pair.adapter)
+    lens = lens_of(pair.base, pair.adapter)
     vis = visual.to(pair.device)
     # One full-vocabulary projection per (layer, visual token) gives both the entropy and the top-k,
     # on the visual positions only (the mask never looks elsewhere; released inefficiency 6).
@@ -214,7 +214,7 @@ class _FastObjective:
     def __init__(self, pair: Any, inputs: PairInputs, config: ReplayConfig, targets: ReplayTargets) -> None:
         self.pair, self.config, self.targets = pair, config, targets
         self.model = pair.rlvr
-        self.lens = LogitLens(self.model, pair.adapter)
+        self.lens = lens_of(self.model, pair.adapter)
         self.visual = inputs.visual_positions.to(pair.device)
         self.layers = [layer for layer in config.layers if layer in targets.selected]
         # The visual tokens selected at each layer, as sequence positions.
