@@ -12,12 +12,18 @@ Three verifiers, picked per item by ``"auto"`` or forced by name:
 
 Extraction (:func:`extract`) looks first for an answer the model marked, then for an unmarked one:
 
-1. the last complete ``<answer>…</answer>`` (a ``\\boxed{}`` inside it wins over the rest of its text);
+1. the last complete ``<answer>…</answer>`` (a ``\\boxed{}`` inside it wins over the rest of its text;
+   an empty one is the model's declared non-answer, so numbers elsewhere are not used);
 2. the last complete ``\\boxed{…}`` or ``\\fbox{…}`` (nested braces, ``\\boxed {x}``);
 3. multiple choice only: a letter in an answer sentence (``The answer is (B)``, ``Answer: B``), a
-   parenthesised letter ``(B)``, a letter opening the last line (``B.``, ``B)``), a bare ``B``, or the
-   option text itself (``5`` when option B reads ``5``);
-4. an answer sentence (``The answer is 1/2``), then the last number.
+   parenthesised letter ``(B)``, a letter opening or named on the last line (``B.``, ``B)``,
+   ``Therefore, option B.``), a bare ``B``, or the option text itself (``5`` when option B reads ``5``);
+   letters are upper case only (after ``the answer is``, ``a`` is an article);
+4. an answer sentence (``The answer is 1/2``; trailing words go: ``7 cookies`` gives ``7``), then the
+   last number.
+
+A custom verifier is any callable ``fn(response, answer) -> bool`` (the convention of
+:func:`lens.organism.verify`); one that needs the whole item subclasses :class:`Verifier`.
 
 Every :class:`Verdict` records what was extracted, by which extractor, and which verifier judged it,
 so scoring can be audited item by item.
