@@ -15,7 +15,7 @@ from torch import nn
 
 from lens.adapters import ArchitectureAdapter, adapter_for
 from lens.errors import CheckpointError, PairMismatchError
-from lens.inputs import PairInputs, build_inputs
+from lens.inputs import ImageLike, Message, PairInputs, build_inputs
 
 _PROBE_TEXT = "Probe: how many red shapes are there? 12 + 30 = 42."
 
@@ -56,18 +56,25 @@ class ModelPair:
 
     def encode(
         self,
-        prompt: str,
-        images: Sequence[Image.Image | str | Path] = (),
+        prompt: str | None = None,
+        images: Sequence[ImageLike] = (),
         response: str | None = None,
+        system: str | None = None,
         image_first: bool | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
     ) -> PairInputs:
         """Build identical inputs for both models, with the token-role map.
 
         Args:
             prompt: The user's text.
-            images: Zero or more images.
+            images: Zero or more images (PIL images, paths or encoded bytes).
             response: Optional response for teacher forcing.
+            system: Optional system prompt (``template`` role); ``None``/``""`` keeps the template's
+                default.
             image_first: Override the pair's image placement.
+            messages: The chat as messages instead of ``prompt``/``images``/``system``, for
+                several turns or images in any turn (see :mod:`lens.inputs`).
         """
         return build_inputs(
             self.tokenizer,
@@ -79,6 +86,8 @@ class ModelPair:
             image_processor=self.image_processor,
             image_first=self.image_first if image_first is None else image_first,
             device=self.device,
+            system=system,
+            messages=messages,
         )
 
     def models(self) -> tuple[nn.Module, nn.Module]:
