@@ -285,11 +285,14 @@ class _Piece:
     where: str
 
 
-def _skeleton_messages(turns: Sequence[Turn], real: bool) -> tuple[list[dict[str, Any]], list[_Piece]]:
-    """Messages for ``apply_chat_template``: with markers in place of text (``real=False``) or the text.
+def _skeleton_messages(
+    turns: Sequence[Turn], mode: str = "whole"
+) -> tuple[list[dict[str, Any]], list[_Piece]]:
+    """Messages for ``apply_chat_template``, with markers in place of the text pieces.
 
-    A text piece is sent as ``leading whitespace + marker + trailing whitespace``, so a template
-    that trims message content (Llama 3) trims exactly what it would trim from the real text.
+    Modes: ``"real"`` sends the text itself; ``"whole"`` replaces each piece by a marker;
+    ``"core"`` keeps a piece's outer whitespace around the marker (``lead + marker + trail``), so a
+    template that trims message content (Llama 3) trims exactly what it would trim from the text.
     """
     messages: list[dict[str, Any]] = []
     pieces: list[_Piece] = []
@@ -301,12 +304,15 @@ def _skeleton_messages(turns: Sequence[Turn], real: bool) -> tuple[list[dict[str
                 continue
             text = part.text
             core = text.strip()
-            if core and not real:
-                lead = text[: len(text) - len(text.lstrip())]
-                trail = text[len(text.rstrip()) :]
+            if core and mode != "real":
                 marker = f"{_MARK}{len(pieces)}{_MARK}"
-                pieces.append(_Piece(marker, core, part.role, f"the {turn.role} text of message {i}"))
-                text = lead + marker + trail
+                where = f"the {turn.role} text of message {i}"
+                if mode == "whole":
+                    pieces.append(_Piece(marker, text, part.role, where))
+                    text = marker
+                else:
+                    pieces.append(_Piece(marker, core, part.role, where))
+                    text = text[: len(text) - len(text.lstrip())] + marker + text[len(text.rstrip()) :]
             if text:
                 items.append({"type": "text", "text": text})
         if any(item["type"] == "image" for item in items):
@@ -341,21 +347,31 @@ def _fill(skeleton: str, pieces: Sequence[_Piece]) -> tuple[str, list[tuple[int,
 
 
 def _render(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[_Piece]]:
-    """Render the chat with markers, and check the template only inserts the text it is given."""
-    marked, pieces = _skeleton_messages(turns, real=False)
-    plain, _ = _skeleton_messages(turns, real=True)
-    try:
-        skeleton = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
-        expected = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-    except Exception as exc:  # jinja2 errors, raise_exception() in templates, TypeErrors on content
-        raise InputError(f"the chat template cannot render these messages: {exc}".splitlines()[0]) from exc
-    filled, _ = _fill(skeleton, pieces)
-    if filled != expected:
-        raise InputError(
-            "the chat template rewrites the message text (it does more than insert it), "
-            "so token roles cannot be mapped"
-        )
-    return skeleton, pieces
+    """Render the chat with markers, and check the template only inserts the text it is given.
+
+    The whole text of each piece is tried first; if the template changed it (Llama 3 trims message
+    content), the pieces' outer whitespace is left to the template and only the stripped text is
+    marked. Either way the filled-in skeleton must equal the template's rendering of the real text.
+    """
+
+    def apply(messages: list[dict[str, Any]]) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja2 errors, raise_exception() in templates, TypeErrors on content
+            raise InputError(
+                f"the chat template cannot render these messages: {exc}".splitlines()[0]
+            ) from exc
+
+    expected = apply(_skeleton_messages(turns, "real")[0])
+    for mode in ("whole", "core"):
+        marked, pieces = _skeleton_messages(turns, mode)
+        skeleton = apply(marked)
+        if _fill(skeleton, pieces)[0] == expected:
+            return skeleton, pieces
+    raise InputError(
+        "the chat template rewrites the message text (it does more than insert it), "
+        "so token roles cannot be mapped"
+    )
 
 
 def build_inputs(
@@ -421,7 +437,7 @@ def build_inputs(
             raise InputError(
                 "a system prompt or a conversation needs a chat template; the tokenizer has none"
             )
-        _, pieces = _skeleton_messages(turns, real=False)
+        _, pieces = _skeleton_messages(turns, "whole")
         skeleton = "".join(p.marker for p in pieces)
 
     pixel_inputs: dict[str, torch.Tensor] = {}
