@@ -88,6 +88,12 @@ class Turn:
     parts: tuple[TextPart | ImagePart, ...]
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(self.parts))
+        for part in self.parts:
+            if not isinstance(part, (TextPart, ImagePart)):
+                raise InputError(
+                    f"a message part must be a TextPart or an ImagePart, not {type(part).__name__}"
+                )
         if self.role not in CHAT_ROLES:
             raise InputError(f"unknown chat role {self.role!r}; expected one of {', '.join(CHAT_ROLES)}")
         if self.role == "system" and any(isinstance(p, ImagePart) for p in self.parts):
@@ -277,7 +283,8 @@ def prompt_turns(
 
 @dataclass(frozen=True)
 class _Piece:
-    """A text part as sent to the template: its marker, wrapped in the text's outer whitespace."""
+    """A text part as sent to the template: the marker that stands for it, the text the marker is
+    replaced by, and the role of that text's tokens."""
 
     marker: str
     core: str
