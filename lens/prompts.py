@@ -54,7 +54,7 @@ _MCQ_INSTRUCTION = "Please select the correct answer from the options above. \n"
 
 
 def layout_question(question: str, hint: str | None = None, options: Sequence[tuple[str, str]] = ()) -> str:
-    """Lay out a question, its hint and its options as VLMEvalKit does.
+    r"""Lay out a question, its hint and its options as VLMEvalKit does.
 
     Multiple-choice items (and items with a hint) follow ``ImageMCQDataset.build_prompt``
     (open-compass/VLMEvalKit ``vlmeval/dataset/image_mcq.py``, identical in the Activation Replay
@@ -70,7 +70,9 @@ def layout_question(question: str, hint: str | None = None, options: Sequence[tu
 
     (the trailing space and newline are VLMEvalKit's). A free-form item without hint or options is
     the bare question, as ``ImageBaseDataset.build_prompt`` (``vlmeval/dataset/image_base.py``) and
-    the MathVista/MathVerse datasets give it.
+    the MathVista/MathVerse datasets give it. VLMEvalKit uses the multiple-choice layout only for
+    multiple-choice datasets (VQA datasets such as MathVista get the ``question`` column alone), so a
+    reader should give ``hint``/``options`` only where VLMEvalKit would show them.
     """
     if not options and hint is None:
         return question
