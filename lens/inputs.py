@@ -1,4 +1,5 @@
-"""Turn (images, prompt, optional response) into identical model inputs plus a token-role map.
+"""Turn a chat (system prompt, user turns with images, optional response) into identical model
+inputs plus a token-role map.
 
 The Qwen-VL processor does three things: render the chat template with one ``<|image_pad|>`` per
 image, expand each placeholder to the image's number of merged patches, and tokenize. We do the
@@ -6,11 +7,30 @@ same three steps here with the tokenizer and image processor directly, because t
 processor class cannot be built without torchvision; the tests check the tensors are identical
 to the processor's. Doing it ourselves also lets us keep character offsets, which give the role
 of every token (visual, prompt text, chat template, response).
+
+Roles. Every token gets one of :data:`ROLES`:
+
+- ``visual``: an image placeholder token (one per merged patch);
+- ``prompt``: the text of a user turn, and the text of *earlier* assistant turns of a conversation
+  (they are context the model reads, like the question; they are not what it is scored on);
+- ``template``: chat scaffolding, the template's default system prompt, a system prompt given by
+  the caller, and the fixed instruction text of a prompt preset (see :mod:`lens.prompts`);
+- ``response``: the teacher-forced ``response`` after the generation prompt, and its end token.
+
+A chat is given either as ``prompt`` (+ ``images``, ``system``) or as ``messages``: a list of
+``{"role": "system" | "user" | "assistant", "content": str | [items]}`` where an item is
+``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL | path | bytes}``, or as
+:class:`Turn` objects, which also say the role of each text piece. The last message must be a
+user turn: the model answers it (after the template's generation prompt), and the answer to
+score or teacher-force is ``response``. A message without images is passed to the chat template
+as a plain string, as real text-only templates (Qwen2.5, Llama 3) require.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import io
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +48,67 @@ ROLE_TEMPLATE = "template"
 ROLE_RESPONSE = "response"
 ROLES = (ROLE_VISUAL, ROLE_PROMPT, ROLE_TEMPLATE, ROLE_RESPONSE)
 
-_SENTINEL = "\u2063REPLAYLENS_PROMPT\u2063"
+#: Chat roles a message may have.
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Markers rendered in place of each text piece, then replaced by the text: the offsets of the
+# replacements give every piece's character span. U+2063 (invisible separator) never occurs in
+# chat templates.
+_MARK = "\u2063"
+
+ImageLike = Image.Image | str | Path | bytes
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """A piece of message text and the role its tokens get (``prompt`` or ``template``)."""
+
+    text: str
+    role: str = ROLE_PROMPT
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise InputError(f"message text must be a string, not {type(self.text).__name__}")
+        if self.role not in (ROLE_PROMPT, ROLE_TEMPLATE):
+            raise InputError(f"a text piece's role must be 'prompt' or 'template', not {self.role!r}")
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image inside a message (a PIL image, a path, or encoded image bytes)."""
+
+    image: ImageLike
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One chat message: a chat role and its text and image parts, in order."""
+
+    role: str
+    parts: tuple[TextPart | ImagePart, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(self.parts))
+        for part in self.parts:
+            if not isinstance(part, (TextPart, ImagePart)):
+                raise InputError(
+                    f"a message part must be a TextPart or an ImagePart, not {type(part).__name__}"
+                )
+        if self.role not in CHAT_ROLES:
+            raise InputError(f"unknown chat role {self.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if self.role == "system" and any(isinstance(p, ImagePart) for p in self.parts):
+            raise InputError("a system message cannot hold images")
+
+    @property
+    def images(self) -> tuple[ImageLike, ...]:
+        return tuple(p.image for p in self.parts if isinstance(p, ImagePart))
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+Message = Turn | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -94,25 +174,227 @@ def open_image(image: Image.Image | str | Path) -> Image.Image:
         raise InputError(f"unreadable or corrupt image {path}: {exc}") from exc
 
 
-def _render(tokenizer: Any, n_images: int, image_first: bool, text: str) -> str:
-    content: list[dict[str, str]] = [{"type": "text", "text": text}]
-    images = [{"type": "image"} for _ in range(n_images)]
-    content = images + content if image_first else content + images
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _load_image(image: ImageLike) -> Image.Image:
+    """Open an image given as a PIL image, a path or encoded bytes (``open_image`` for the first two)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            with Image.open(io.BytesIO(bytes(image))) as img:
+                img.load()
+                return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"unreadable or corrupt image bytes: {exc}") from exc
+    if not isinstance(image, (Image.Image, str, Path)):
+        raise InputError(f"an image must be a PIL image, a path or bytes, not {type(image).__name__}")
+    return open_image(image)
+
+
+# -- the chat: messages, prompt form ----------------------------------------------------------------
+
+
+def user_turn(
+    text: str | Sequence[TextPart], images: Sequence[ImageLike] = (), image_first: bool = True
+) -> Turn:
+    """A user message: its text (one string, or text pieces with roles) and its images."""
+    parts = (TextPart(text),) if isinstance(text, str) else tuple(text)
+    pictures = tuple(ImagePart(im) for im in images)
+    return Turn("user", pictures + parts if image_first else parts + pictures)
+
+
+def system_turn(text: str) -> Turn:
+    """A system message; its tokens have the ``template`` role."""
+    return Turn("system", (TextPart(text, ROLE_TEMPLATE),))
+
+
+def to_turns(messages: Sequence[Message]) -> tuple[Turn, ...]:
+    """Validate a chat given as dict messages and/or :class:`Turn` objects.
+
+    Text of system messages gets the ``template`` role, text of user and assistant messages the
+    ``prompt`` role (a :class:`Turn` keeps the roles it was built with).
+
+    Raises:
+        InputError: An unknown role or content item, an empty message, or a chat that does not end
+            with a user message.
+    """
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
+        raise InputError("messages must be a list of {'role': ..., 'content': ...} messages")
+    if not messages:
+        raise InputError("messages is empty")
+    turns = []
+    for i, message in enumerate(messages):
+        turn = message if isinstance(message, Turn) else _dict_to_turn(message, f"messages[{i}]")
+        if not turn.text.strip() and not turn.images:
+            raise InputError(f"messages[{i}] ({turn.role}) is empty")
+        turns.append(turn)
+    if turns[-1].role != "user":
+        raise InputError(
+            "the last message must be a user message (the model answers it); "
+            "pass the assistant's answer as response="
+        )
+    return tuple(turns)
+
+
+def _dict_to_turn(message: Any, where: str) -> Turn:
+    if not isinstance(message, Mapping):
+        raise InputError(f"{where} must be a dict with 'role' and 'content', not {type(message).__name__}")
+    unknown = set(message) - {"role", "content"}
+    if unknown or "role" not in message or "content" not in message:
+        raise InputError(f"{where} must have exactly the keys 'role' and 'content' (got {sorted(message)})")
+    role = message["role"]
+    if role not in CHAT_ROLES:
+        raise InputError(f"{where}: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+    text_role = ROLE_TEMPLATE if role == "system" else ROLE_PROMPT
+    content = message["content"]
+    if isinstance(content, str):
+        return Turn(role, (TextPart(content, text_role),))
+    if not isinstance(content, Sequence):
+        raise InputError(f"{where}: content must be a string or a list of items")
+    parts: list[TextPart | ImagePart] = []
+    for j, item in enumerate(content):
+        kind = item.get("type") if isinstance(item, Mapping) else None
+        if kind == "text" and isinstance(item.get("text"), str):
+            parts.append(TextPart(item["text"], text_role))
+        elif kind == "image" and item.get("image") is not None:
+            parts.append(ImagePart(item["image"]))
+        else:
+            raise InputError(
+                f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or "
+                f"{{'type': 'image', 'image': PIL image | path | bytes}}, got {item!r:.80}"
+            )
+    try:
+        return Turn(role, tuple(parts))
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+
+
+def prompt_turns(
+    prompt: str, images: Sequence[ImageLike] = (), system: str | None = None, image_first: bool = True
+) -> tuple[Turn, ...]:
+    """The chat of the prompt form: an optional system message, then one user message."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty")
+    if system is not None and not isinstance(system, str):
+        raise InputError(f"the system prompt must be a string, not {type(system).__name__}")
+    head = (system_turn(system),) if system else ()
+    return head + (user_turn(prompt, images, image_first),)
+
+
+# -- rendering with character spans --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A text part as sent to the template: the marker that stands for it, the text the marker is
+    replaced by, and the role of that text's tokens."""
+
+    marker: str
+    core: str
+    role: str
+    where: str
+
+
+def _skeleton_messages(
+    turns: Sequence[Turn], mode: str = "whole"
+) -> tuple[list[dict[str, Any]], list[_Piece]]:
+    """Messages for ``apply_chat_template``, with markers in place of the text pieces.
+
+    Modes: ``"real"`` sends the text itself; ``"whole"`` replaces each piece by a marker;
+    ``"core"`` keeps a piece's outer whitespace around the marker (``lead + marker + trail``), so a
+    template that trims message content (Llama 3) trims exactly what it would trim from the text.
+    """
+    messages: list[dict[str, Any]] = []
+    pieces: list[_Piece] = []
+    for i, turn in enumerate(turns):
+        items: list[dict[str, str]] = []
+        for part in turn.parts:
+            if isinstance(part, ImagePart):
+                items.append({"type": "image"})
+                continue
+            text = part.text
+            core = text.strip()
+            if core and mode != "real":
+                marker = f"{_MARK}{len(pieces)}{_MARK}"
+                where = f"the {turn.role} text of message {i}"
+                if mode == "whole":
+                    pieces.append(_Piece(marker, text, part.role, where))
+                    text = marker
+                else:
+                    pieces.append(_Piece(marker, core, part.role, where))
+                    text = text[: len(text) - len(text.lstrip())] + marker + text[len(text.rstrip()) :]
+            if text:
+                items.append({"type": "text", "text": text})
+        if any(item["type"] == "image" for item in items):
+            content: str | list[dict[str, str]] = items
+        else:
+            content = "".join(item["text"] for item in items)
+        messages.append({"role": turn.role, "content": content})
+    return messages, pieces
+
+
+def _fill(skeleton: str, pieces: Sequence[_Piece]) -> tuple[str, list[tuple[int, int, str]]]:
+    """Replace every marker by its text; return the text and each piece's (start, end, role)."""
+    found = []
+    for piece in pieces:
+        count = skeleton.count(piece.marker)
+        if count != 1:
+            raise InputError(f"the chat template does not render {piece.where} exactly once (found {count})")
+        found.append((skeleton.index(piece.marker), piece))
+    found.sort(key=lambda x: x[0])
+    out: list[str] = []
+    spans: list[tuple[int, int, str]] = []
+    cursor = length = 0
+    for at, piece in found:
+        out.append(skeleton[cursor:at])
+        length += at - cursor
+        spans.append((length, length + len(piece.core), piece.role))
+        out.append(piece.core)
+        length += len(piece.core)
+        cursor = at + len(piece.marker)
+    out.append(skeleton[cursor:])
+    return "".join(out), spans
+
+
+def _render(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[_Piece]]:
+    """Render the chat with markers, and check the template only inserts the text it is given.
+
+    The whole text of each piece is tried first; if the template changed it (Llama 3 trims message
+    content), the pieces' outer whitespace is left to the template and only the stripped text is
+    marked. Either way the filled-in skeleton must equal the template's rendering of the real text.
+    """
+
+    def apply(messages: list[dict[str, Any]]) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja2 errors, raise_exception() in templates, TypeErrors on content
+            raise InputError(
+                f"the chat template cannot render these messages: {exc}".splitlines()[0]
+            ) from exc
+
+    expected = apply(_skeleton_messages(turns, "real")[0])
+    for mode in ("whole", "core"):
+        marked, pieces = _skeleton_messages(turns, mode)
+        skeleton = apply(marked)
+        if _fill(skeleton, pieces)[0] == expected:
+            return skeleton, pieces
+    raise InputError(
+        "the chat template rewrites the message text (it does more than insert it), "
+        "so token roles cannot be mapped"
+    )
 
 
 def build_inputs(
     tokenizer: Any,
     adapter: ArchitectureAdapter,
     config: Any,
-    prompt: str,
-    images: Sequence[Image.Image | str | Path] = (),
+    prompt: str | None = None,
+    images: Sequence[ImageLike] = (),
     response: str | None = None,
     image_processor: Any | None = None,
     image_first: bool = True,
     use_chat_template: bool = True,
     device: torch.device | str | None = None,
+    *,
+    system: str | None = None,
+    messages: Sequence[Message] | None = None,
 ) -> PairInputs:
     """Build one sample's inputs and its token-role map.
 
@@ -120,37 +402,50 @@ def build_inputs(
         tokenizer: A fast tokenizer (offsets are needed for the role map).
         adapter: The pair's architecture adapter.
         config: The model config (visual token ids live there).
-        prompt: The user's text.
-        images: Zero or more images (PIL images or paths).
+        prompt: The user's text (the prompt form; leave ``None`` with ``messages``).
+        images: Zero or more images (PIL images, paths or encoded bytes) of the user turn.
         response: Optional response, appended after the generation prompt and ended with the
             tokenizer's EOS token, for teacher forcing.
-        image_processor: The image processor; required when ``images`` is non-empty.
+        image_processor: The image processor; required when there are images.
         image_first: Put images before the text in the user turn (Qwen's usual order).
         use_chat_template: Render with the tokenizer's chat template when it has one.
         device: Where to put the tensors.
+        system: A system prompt (its tokens are ``template``); ``None`` or ``""`` for none, which
+            leaves the template's default system prompt, if it has one.
+        messages: The chat as messages instead of ``prompt``/``images``/``system`` (see the module
+            docstring); the last one must be a user message.
 
     Returns:
         The inputs, with one role per position.
 
     Raises:
-        InputError: For unreadable images, images given to a text-only model, or an empty prompt.
+        InputError: For unreadable images, images given to a text-only model, an empty prompt or
+            message, malformed messages, or a chat template that cannot place the text.
     """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty")
-    pil_images = [open_image(im) for im in images]
+    if messages is not None:
+        if prompt is not None or len(images) or system:
+            raise InputError("give either prompt (with images, system) or messages, not both")
+        turns = to_turns(messages)
+    else:
+        turns = prompt_turns(prompt, images, system, image_first)  # type: ignore[arg-type]
+    all_images = [im for turn in turns for im in turn.images]
+    pil_images = [_load_image(im) for im in all_images]
     if pil_images and not adapter.multimodal:
         raise InputError(f"{adapter.name} takes no images, but {len(pil_images)} were given")
     if pil_images and image_processor is None:
         raise InputError("images were given but the pair has no image processor")
 
     if use_chat_template and getattr(tokenizer, "chat_template", None):
-        skeleton = _render(tokenizer, len(pil_images), image_first, _SENTINEL)
+        skeleton, pieces = _render(tokenizer, turns)
     else:
         if pil_images:
             raise InputError("images need a chat template that places them; the tokenizer has none")
-        skeleton = _SENTINEL
-    if skeleton.count(_SENTINEL) != 1:
-        raise InputError("the chat template does not render the prompt text exactly once")
+        if len(turns) != 1:
+            raise InputError(
+                "a system prompt or a conversation needs a chat template; the tokenizer has none"
+            )
+        _, pieces = _skeleton_messages(turns, "whole")
+        skeleton = "".join(p.marker for p in pieces)
 
     pixel_inputs: dict[str, torch.Tensor] = {}
     grids: list[tuple[int, int, int]] = []
@@ -164,19 +459,15 @@ def build_inputs(
         grids = [tuple(int(x) for x in g) for g in processed["image_grid_thw"]]
         merge = int(getattr(image_processor, "merge_size", 1))
         pad = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
-        pieces = skeleton.split(pad)
-        if len(pieces) - 1 != len(grids):
-            raise InputError(
-                f"the chat template placed {len(pieces) - 1} image slots for {len(grids)} images"
-            )
-        expanded = pieces[0]
-        for (t, h, w), rest in zip(grids, pieces[1:], strict=True):
+        slots = skeleton.split(pad)
+        if len(slots) - 1 != len(grids):
+            raise InputError(f"the chat template placed {len(slots) - 1} image slots for {len(grids)} images")
+        expanded = slots[0]
+        for (t, h, w), rest in zip(grids, slots[1:], strict=True):
             expanded += pad * (t * h * w // (merge * merge)) + rest
         skeleton = expanded
 
-    prompt_start = skeleton.index(_SENTINEL)
-    text = skeleton.replace(_SENTINEL, prompt)
-    prompt_span = (prompt_start, prompt_start + len(prompt))
+    text, spans = _fill(skeleton, pieces)
     response_span = None
     if response is not None:
         eos = tokenizer.eos_token or ""
@@ -187,20 +478,24 @@ def build_inputs(
     input_ids = enc["input_ids"]
     offsets = enc["offset_mapping"][0].tolist()
     visual_ids = set(adapter.visual_token_ids(config))
+    starts = [s for s, _, _ in spans]
     roles: list[str] = []
     response_start = None
     for i, (tid, (s, e)) in enumerate(zip(input_ids[0].tolist(), offsets, strict=True)):
         if tid in visual_ids:
             roles.append(ROLE_VISUAL)
-        elif response_span is not None and s >= response_span[0] and e > s:
+            continue
+        if response_span is not None and s >= response_span[0] and e > s:
             if response_start is None:
                 response_start = i
             # The EOS after the response belongs to the response: it is what the model must emit.
             roles.append(ROLE_RESPONSE)
-        elif s >= prompt_span[0] and e <= prompt_span[1] and e > s:
-            roles.append(ROLE_PROMPT)
-        else:
-            roles.append(ROLE_TEMPLATE)
+            continue
+        # A token takes a text piece's role only when it lies wholly inside the piece; tokens that
+        # straddle a piece and the scaffolding around it count as template.
+        k = bisect.bisect_right(starts, s) - 1
+        inside = k >= 0 and e > s and e <= spans[k][1]
+        roles.append(spans[k][2] if inside else ROLE_TEMPLATE)
 
     n_visual = roles.count(ROLE_VISUAL)
     expected = sum(t * h * w // (merge * merge) for t, h, w in grids)

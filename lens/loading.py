@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
+import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from torch import nn
 
 from lens.adapters import ArchitectureAdapter, adapter_for
 from lens.errors import CheckpointError, PairMismatchError
-from lens.inputs import PairInputs, build_inputs
+from lens.inputs import ImageLike, Message, PairInputs, build_inputs
 
 _PROBE_TEXT = "Probe: how many red shapes are there? 12 + 30 = 42."
 
@@ -32,6 +34,8 @@ class ModelPair:
         image_processor: The image processor, or ``None`` for text-only pairs.
         image_first: Whether images go before the text in the user turn.
         names: Display names of the two models.
+        prompt_preset: The prompt preset the checkpoints name in their side file
+            (:data:`lens.prompts.PRESET_FILE`), or ``None``; see :func:`lens.prompts.encode_sample`.
     """
 
     base: nn.Module
@@ -41,6 +45,7 @@ class ModelPair:
     image_processor: Any | None = None
     image_first: bool = True
     names: tuple[str, str] = ("base", "rlvr")
+    prompt_preset: str | None = None
 
     @property
     def config(self) -> Any:
@@ -56,18 +61,25 @@ class ModelPair:
 
     def encode(
         self,
-        prompt: str,
-        images: Sequence[Image.Image | str | Path] = (),
+        prompt: str | None = None,
+        images: Sequence[ImageLike] = (),
         response: str | None = None,
+        system: str | None = None,
         image_first: bool | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
     ) -> PairInputs:
         """Build identical inputs for both models, with the token-role map.
 
         Args:
             prompt: The user's text.
-            images: Zero or more images.
+            images: Zero or more images (PIL images, paths or encoded bytes).
             response: Optional response for teacher forcing.
+            system: Optional system prompt (``template`` role); ``None``/``""`` keeps the template's
+                default.
             image_first: Override the pair's image placement.
+            messages: The chat as messages instead of ``prompt``/``images``/``system``, for
+                several turns or images in any turn (see :mod:`lens.inputs`).
         """
         return build_inputs(
             self.tokenizer,
@@ -79,6 +91,8 @@ class ModelPair:
             image_processor=self.image_processor,
             image_first=self.image_first if image_first is None else image_first,
             device=self.device,
+            system=system,
+            messages=messages,
         )
 
     def models(self) -> tuple[nn.Module, nn.Module]:
@@ -95,6 +109,7 @@ class ModelPair:
         base_image_processor: Any | None = None,
         image_first: bool = True,
         names: tuple[str, str] = ("base", "rlvr"),
+        prompt_preset: str | None = None,
     ) -> ModelPair:
         """Wrap two in-memory models, after checking they can be compared.
 
@@ -114,7 +129,11 @@ class ModelPair:
             # Analyses and interventions never need weight gradients; freezing keeps autograd
             # from recording the weights' graph (a large memory saving for test-time replay).
             model.requires_grad_(False)
-        return cls(base, rlvr, adapter, tokenizer, image_processor, image_first, names)
+        if prompt_preset is not None:
+            from lens.prompts import get_preset
+
+            prompt_preset = get_preset(prompt_preset).name
+        return cls(base, rlvr, adapter, tokenizer, image_processor, image_first, names, prompt_preset)
 
 
 def check_configs(base_config: Any, rlvr_config: Any) -> None:
@@ -158,8 +177,84 @@ def _probe_image() -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8))
 
 
+# Image-processor settings that change the number of visual tokens or the pixel tensors. Qwen-VL's
+# min/max pixels live in ``size`` (``shortest_edge``/``longest_edge`` in transformers 5) or, in older
+# releases, in ``min_pixels``/``max_pixels`` attributes; both are compared.
+_IMAGE_SETTINGS = (
+    "size",
+    "min_pixels",
+    "max_pixels",
+    "patch_size",
+    "merge_size",
+    "temporal_patch_size",
+    "do_resize",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "do_pad",
+)
+
+
+def _plain(value: Any) -> Any:
+    """A setting as plain Python values, so equal settings compare equal across classes."""
+    if isinstance(value, Mapping) or hasattr(value, "__dataclass_fields__"):
+        items = value.items() if isinstance(value, Mapping) else vars(value).items()
+        return {k: _plain(v) for k, v in sorted(items) if v is not None}
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float):
+        return round(value, 12)
+    return value
+
+
+def image_processor_settings(processor: Any) -> dict[str, Any]:
+    """The settings of an image processor that change its output, flattened (``size.longest_edge``)."""
+    settings: dict[str, Any] = {}
+    for name in _IMAGE_SETTINGS:
+        value = _plain(getattr(processor, name, None))
+        if isinstance(value, dict):
+            settings.update({f"{name}.{k}": v for k, v in value.items()})
+        elif value is not None:
+            settings[name] = value
+    return settings
+
+
+def _visual_tokens(processor: Any, width: int, height: int) -> int | None:
+    """Visual tokens an image of this size gets (for error messages); ``None`` if it cannot say."""
+    try:
+        out = processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")
+        t, h, w = (int(x) for x in out["image_grid_thw"][0])
+        merge = int(getattr(processor, "merge_size", 1) or 1)
+    except Exception:  # only used to word an error; never let it hide the mismatch itself
+        return None
+    return t * h * w // (merge * merge)
+
+
 def check_image_processors(base_processor: Any, rlvr_processor: Any) -> None:
-    """Refuse image processors that give different tensors for the same image."""
+    """Refuse image processors with different settings, or different tensors for the same image.
+
+    The settings are compared directly (pixel budget, patch, merge and temporal patch sizes,
+    resampling, normalisation): a small probe image fits in any pixel budget, so only the settings
+    show a different ``max_pixels`` before a large image gets a different number of visual tokens.
+    """
+    b_set, r_set = image_processor_settings(base_processor), image_processor_settings(rlvr_processor)
+    differing = [k for k in sorted(set(b_set) | set(r_set)) if b_set.get(k) != r_set.get(k)]
+    if differing:
+        shown = "; ".join(f"{k}: base {b_set.get(k)!r}, rlvr {r_set.get(k)!r}" for k in differing[:4])
+        counts = (_visual_tokens(base_processor, 1920, 1080), _visual_tokens(rlvr_processor, 1920, 1080))
+        effect = ""
+        if None not in counts and counts[0] != counts[1]:
+            effect = f" (a 1920x1080 image gives {counts[0]} visual tokens in base, {counts[1]} in rlvr)"
+        raise PairMismatchError(
+            f"image processors differ in their settings: {shown}{effect}; "
+            "make the two checkpoints' preprocessor_config.json agree"
+        )
     image = _probe_image()
     b = base_processor(images=[image], return_tensors="pt")
     r = rlvr_processor(images=[image], return_tensors="pt")
@@ -215,6 +310,60 @@ def _load_image_processor(source: str) -> Any:
         raise CheckpointError(f"cannot load the image processor of {source}: {exc}".splitlines()[0]) from exc
 
 
+def _chat_template_from_files(folder: str) -> str | None:
+    """The chat template a checkpoint ships beside its tokenizer (``chat_template.jinja`` or the older
+    ``chat_template.json``), for tokenizers that did not read it.
+
+    Raises:
+        CheckpointError: A ``chat_template.json`` without a template string.
+    """
+    path = Path(folder)
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    legacy = path / "chat_template.json"
+    if not legacy.is_file():
+        return None
+    try:
+        template = json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{legacy}: not a chat template file ({exc})".splitlines()[0]) from exc
+    if not isinstance(template, str) or not template.strip():
+        raise CheckpointError(f'{legacy}: expected {{"chat_template": "<jinja template>"}}')
+    return template
+
+
+def _load_tokenizer(source: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load a tokenizer: {exc}".splitlines()[0]) from exc
+    if not getattr(tokenizer, "chat_template", None) and Path(source).is_dir():
+        # Older releases ship the template only as chat_template.json (read by the processor, not
+        # by the tokenizer); without it every prompt would be encoded without a template.
+        template = _chat_template_from_files(source)
+        if template is not None:
+            tokenizer.chat_template = template
+    return tokenizer
+
+
+def _pair_preset(base_src: str, rlvr_src: str) -> str | None:
+    """The prompt preset the two checkpoints name; the RLVR checkpoint's wins when they differ."""
+    from lens.prompts import PRESET_FILE, read_checkpoint_preset
+
+    folders = [Path(src) if Path(src).is_dir() else None for src in (base_src, rlvr_src)]
+    base_name, rlvr_name = (read_checkpoint_preset(f) if f else None for f in folders)
+    if base_name and rlvr_name and base_name != rlvr_name:
+        warnings.warn(
+            f"the checkpoints' {PRESET_FILE} name different prompt presets (base {base_name!r}, "
+            f"rlvr {rlvr_name!r}); using the rlvr one, the model whose behaviour is measured",
+            stacklevel=3,
+        )
+    return rlvr_name or base_name
+
+
 def load_pair(
     base: str | Path,
     rlvr: str | Path | None = None,
@@ -240,7 +389,9 @@ def load_pair(
         The pair, in eval mode with frozen weights.
 
     Raises:
-        CheckpointError: A folder is missing or unloadable.
+        CheckpointError: A folder is missing or unloadable, or its ``replay_lens.json`` or
+            ``chat_template.json`` is malformed.
+        ConfigError: A ``replay_lens.json`` names an unknown prompt preset.
         UnsupportedArchitectureError: The family has no adapter.
         PairMismatchError: The two checkpoints cannot be compared.
     """
@@ -256,17 +407,12 @@ def load_pair(
         )
     if rlvr is None:
         raise CheckpointError("load_pair needs both a base and an rlvr checkpoint")
-    from transformers import AutoTokenizer
-
     base_src, rlvr_src = _resolve(base), _resolve(rlvr)
+    prompt_preset = _pair_preset(base_src, rlvr_src)
     base_cfg, rlvr_cfg = _load_config(base_src), _load_config(rlvr_src)
     check_configs(base_cfg, rlvr_cfg)
     adapter = adapter_for(rlvr_cfg)
-    try:
-        base_tok = AutoTokenizer.from_pretrained(base_src)
-        rlvr_tok = AutoTokenizer.from_pretrained(rlvr_src)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot load a tokenizer: {exc}".splitlines()[0]) from exc
+    base_tok, rlvr_tok = _load_tokenizer(base_src), _load_tokenizer(rlvr_src)
     base_ip = rlvr_ip = None
     if adapter.multimodal:
         base_ip, rlvr_ip = _load_image_processor(base_src), _load_image_processor(rlvr_src)
@@ -299,4 +445,5 @@ def load_pair(
         rlvr_ip,
         image_first=image_first,
         names=(Path(base_src).name or "base", Path(rlvr_src).name or "rlvr"),
+        prompt_preset=prompt_preset,
     )
