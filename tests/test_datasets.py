@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import string
-from io import BytesIO
+from io import BytesIO, StringIO
 from pathlib import Path
 
 import pandas as pd
@@ -585,3 +585,22 @@ def test_check_images_decodes_paths_and_bytes(items, tmp_path):
         check_images([*ok, Sample(id="b", question="q", images=(good, truncated_jpeg.getvalue()[:200]))])
     with pytest.raises(InputError, match=r"sample 'c': image not found"):
         check_images([Sample(id="c", question="q", images=(tmp_path / "gone.png",))])
+
+
+def test_tsv_records_split_like_the_csv_module():
+    """The fast path (lines without quotes split on tabs) gives csv.reader's records and line numbers."""
+    import csv
+    import random
+
+    from lens.datasets.tsv import records
+
+    rng = random.Random(0)
+    alphabet = ["a", "bc", "\t", "\n", "\r\n", "\r", '"', " ", "é"]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        reader = csv.reader(StringIO(text, newline=""), delimiter="\t")
+        expected, line = [], 1
+        for cells in reader:
+            expected.append((line, cells))
+            line = reader.line_num + 1
+        assert list(records(StringIO(text, newline=""))) == expected, repr(text)
