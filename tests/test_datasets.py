@@ -292,7 +292,7 @@ def test_parquet_image_cells_lists_and_options(items, pair, tmp_path):
 
 
 def test_column_mapping_for_every_reader(items, pair, tmp_path):
-    """MathVista's Hugging Face layout: ``image`` is a path string, ``decoded_image`` the Image struct."""
+    """A MathVista-like Hugging Face layout: ``image`` is a path string, ``decoded_image`` the Image struct."""
     mapping = parse_columns("id=pid, question=query,answer=gt,image=decoded_image")
     table = pa.table(
         {
@@ -604,3 +604,28 @@ def test_tsv_records_split_like_the_csv_module():
             expected.append((line, cells))
             line = reader.line_num + 1
         assert list(records(StringIO(text, newline=""))) == expected, repr(text)
+
+
+def test_rows_are_numbered_across_batches_and_arrow_file_format(items, tmp_path):
+    n = 600  # more than one record batch
+    cells = [None] * n
+    cells[3], cells[555] = png(items[0].image), b"\x89PNG\r\n\x1a\n broken"
+    table = pa.table(
+        {"id": [f"r{i}" for i in range(n)], "question": ["q"] * n, "image": pa.array(cells, pa.binary())}
+    )
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=100)
+    with pytest.raises(
+        DatasetError, match=r"big\.parquet row 555 \(0-based\): 'image': image cannot be decoded"
+    ):
+        load_dataset(tmp_path / "big.parquet")
+    # A save_to_disk-style folder whose Arrow file uses the random-access file format, not the stream.
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table.slice(0, 10))
+    (folder / "state.json").write_text(
+        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
+    )
+    samples = load_dataset(folder)
+    assert [s.id for s in samples] == [f"r{i}" for i in range(10)] and samples[3].images == (cells[3],)

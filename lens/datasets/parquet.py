@@ -13,7 +13,7 @@ the dataset's ``select``/``shuffle`` indices already applied by ``save_to_disk``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from lens.datasets.fields import RowBuilder, finish
 from lens.datasets.images import check_image_bytes, resolve_image_path
 from lens.datasets.sample import ImageRef, Sample
 from lens.errors import DatasetError
+
+# Rows converted to Python at a time: bounds the Arrow-and-Python copies of the images held at once.
+BATCH_ROWS = 256
 
 
 def load_parquet(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Sample]:
@@ -42,7 +45,7 @@ def load_parquet(path: str | Path, columns: Mapping[str, str] | None = None) -> 
         files = [path]
     else:
         raise DatasetError(f"dataset not found: {path}")
-    return _load_tables(((f, _read_parquet(f), f.parent) for f in files), columns, str(path))
+    return _load_tables(((f, *_parquet_batches(f), f.parent) for f in files), columns, str(path))
 
 
 def load_saved_dataset(path: str | Path, columns: Mapping[str, str] | None = None) -> list[Sample]:
@@ -66,7 +69,7 @@ def load_saved_dataset(path: str | Path, columns: Mapping[str, str] | None = Non
     ):
         raise DatasetError(f"{folder / 'state.json'}: no '_data_files' list of Arrow files")
     split = state.get("_split")
-    tables = ((folder / f["filename"], _read_arrow(folder / f["filename"]), folder) for f in files)
+    tables = ((folder / f["filename"], *_arrow_batches(folder / f["filename"]), folder) for f in files)
     samples = _load_tables(tables, columns, str(folder))
     if isinstance(split, str) and split:
         samples = [s if s.split is not None else replace(s, split=split) for s in samples]
@@ -74,28 +77,35 @@ def load_saved_dataset(path: str | Path, columns: Mapping[str, str] | None = Non
 
 
 def _load_tables(
-    tables: Iterator[tuple[Path, Any, Path]], columns: Mapping[str, str] | None, source: str
+    tables: Iterable[tuple[Path, list[str], Iterator[Any], Path]],
+    columns: Mapping[str, str] | None,
+    source: str,
 ) -> list[Sample]:
+    """Samples from ``(file, column names, record batches, folder for relative paths)`` per file."""
     builder = RowBuilder(columns)
     samples: list[Sample] = []
     places: list[str] = []
-    for file, table, base in tables:
-        header = list(table.column_names)
+    for file, header, batches, base in tables:
         builder.check_header(header, str(file))
         image_column, path_column = builder.image_columns(header)
-        try:
-            rows = table.to_pylist()
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"{file}: text that is not valid UTF-8 ({exc.reason})") from exc
-        for i, row in enumerate(rows):
-            where = f"{file} row {i} (0-based)"
-            images: tuple[ImageRef, ...] = ()
-            if image_column is not None:
-                images = _images(row[image_column], image_column, base, where)
-            if not images and path_column is not None:
-                images = _images(row[path_column], path_column, base, where)
-            samples.append(builder.build(row, images, where))
-            places.append(where)
+        i = 0
+        for batch in batches:  # batch by batch, so Arrow and Python never both hold every image
+            try:
+                rows = batch.to_pylist()
+            except UnicodeDecodeError as exc:
+                raise DatasetError(
+                    f"{file}: text that is not valid UTF-8 near row {i} ({exc.reason})"
+                ) from exc
+            for row in rows:
+                where = f"{file} row {i} (0-based)"
+                images: tuple[ImageRef, ...] = ()
+                if image_column is not None:
+                    images = _images(row[image_column], image_column, base, where)
+                if not images and path_column is not None:
+                    images = _images(row[path_column], path_column, base, where)
+                samples.append(builder.build(row, images, where))
+                places.append(where)
+                i += 1
     return finish(samples, places, source)
 
 
@@ -129,31 +139,52 @@ def _image(item: Any, base: Path, where: str) -> ImageRef:
     )
 
 
-def _read_parquet(file: Path) -> Any:
+def _parquet_batches(file: Path) -> tuple[list[str], Iterator[Any]]:
+    """A Parquet file's column names and its record batches."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(file)
+        reader = pq.ParquetFile(file)
     except (pa.ArrowException, OSError) as exc:
         raise DatasetError(f"{file}: cannot read as Parquet ({exc})") from exc
+    return list(reader.schema_arrow.names), _guarded(
+        reader.iter_batches(batch_size=BATCH_ROWS), file, "Parquet"
+    )
 
 
-def _read_arrow(file: Path) -> Any:
+def _arrow_batches(file: Path) -> tuple[list[str], Iterator[Any]]:
+    """An Arrow IPC file's column names and record batches (stream format, as save_to_disk writes)."""
     import pyarrow as pa
 
     if not file.is_file():
         raise DatasetError(f"Arrow file listed in state.json not found: {file}")
+    source = pa.OSFile(str(file))
     try:
-        # save_to_disk writes the IPC stream format; the random-access file format is read too.
-        with pa.OSFile(str(file)) as source:
-            try:
-                return pa.ipc.open_stream(source).read_all()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                return pa.ipc.open_file(source).read_all()
+        try:
+            reader = pa.ipc.open_stream(source)
+            batches: Iterator[Any] = iter(reader)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(k) for k in range(reader.num_record_batches))
     except (pa.ArrowException, OSError) as exc:
+        source.close()
         raise DatasetError(f"{file}: cannot read as an Arrow file ({exc})") from exc
+    return list(reader.schema.names), _guarded(batches, file, "an Arrow file", close=source)
+
+
+def _guarded(batches: Iterator[Any], file: Path, kind: str, close: Any = None) -> Iterator[Any]:
+    """Record batches, with Arrow's read errors turned into one-line DatasetErrors."""
+    import pyarrow as pa
+
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"{file}: cannot read as {kind} ({exc})") from exc
+    finally:
+        if close is not None:
+            close.close()
 
 
 def _json(file: Path) -> dict[str, Any]:
