@@ -10,8 +10,9 @@ and ``dump_image``; ``vlmeval/smp`` ``toliststr`` and ``decode_base64_to_image``
   base64 strings for a multi-image row (a cell that starts with ``[`` and ends with ``]``).
 - ``image_path`` holds a path (or a stringified list of paths); we use it, relative to the TSV,
   when a row has no ``image`` cell.
-- The options are the columns ``A``..``Z`` whose cell is not empty (``pd.isna`` in VLMEvalKit), in
-  letter order (``ImageMCQDataset.build_prompt``); an empty ``hint`` is no hint.
+- The options are the columns ``A``..``Z`` whose cell is not NA (``pd.isna`` in VLMEvalKit), in
+  letter order (``ImageMCQDataset.build_prompt``); an NA ``hint`` is no hint. NA means what a default
+  ``pd.read_csv`` reads as NaN: an empty cell, or one of :data:`PANDAS_NA` (``NA``, ``None``, ``nan``...).
 
 Differences, on purpose: cells are kept as the text in the file (VLMEvalKit's ``pd.read_csv`` turns an
 option column ``3``/empty into ``3.0``/NaN); a row with an empty ``image`` cell becomes a text-only
