@@ -160,8 +160,9 @@ def make_intervention(strategy: str, config: InterventionRunConfig, n_layers: in
 
 
 def _images(sample: Any) -> tuple[Any, ...]:
-    image = getattr(sample, "image", None)
-    return () if image is None else (image,)
+    from lens.datasets import sample_images  # every image of a multi-image sample, not only the first
+
+    return sample_images(sample)
 
 
 def run_item(

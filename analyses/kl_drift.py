@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from lens.data import check_images
+from lens.datasets import check_images, sample_images
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.logit_lens import LensConfig, pair_lens
 from lens.records import RecordWriter, pack_array, unpack_array, write_tables
@@ -50,11 +50,6 @@ class DriftConfig:
     def __post_init__(self) -> None:
         if self.n_buckets < 1:
             raise ConfigError(f"n_buckets must be >= 1, got {self.n_buckets}")
-
-
-def sample_images(sample: SampleLike) -> tuple[Any, ...]:
-    image = getattr(sample, "image", None)
-    return () if image is None else (image,)
 
 
 def drift_record(pair: Any, sample: SampleLike, config: DriftConfig) -> dict[str, Any]:

@@ -53,6 +53,7 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
+from lens.datasets import sample_images
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.inputs import PairInputs
 from lens.interventions.base import edit_input
@@ -485,7 +486,7 @@ def check_samples(samples: Sequence[Any]) -> None:
             f"the perplexity study needs an 'answer' for every sample; {len(no_answer)} of "
             f"{len(samples)} have none ({shown})"
         )
-    no_image = [str(s.id) for s in samples if getattr(s, "image", None) is None]
+    no_image = [str(s.id) for s in samples if not sample_images(s)]
     if no_image:
         raise DatasetError(
             f"the perturbation study needs an image for every sample; {len(no_image)} have none "
@@ -502,7 +503,7 @@ def perturb_record(
     supplied_incorrect: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """All measurements of one sample (every noise kind and σ), as a record."""
-    images = (sample.image,)
+    images = sample_images(sample)
     correct = formatter(str(sample.answer))
     prompt_inputs = pair.encode(sample.question, images)
     incorrect, source = choose_incorrect(
@@ -775,7 +776,7 @@ def run_perturbation(
 
     Args:
         pair: A :class:`lens.ModelPair` with a multimodal adapter.
-        samples: Items with ``id``, ``question``, ``image`` and ``answer`` (``qtype`` optional).
+        samples: Items with ``id``, ``question``, one or more images and ``answer`` (``qtype`` optional).
         out_dir: Where to write ``records.jsonl``, ``perturb_table.csv``,
             ``perturb_spearman.csv``, ``perturb_summary.csv`` and ``perturbation.{pdf,png}``;
             ``None`` keeps everything in memory.

@@ -32,6 +32,7 @@ import bisect
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -159,19 +160,28 @@ class PairInputs:
         )
 
 
-def open_image(image: Image.Image | str | Path) -> Image.Image:
-    """Open an image as RGB, turning every failure into :class:`InputError`."""
+def open_image(image: Image.Image | str | Path | bytes) -> Image.Image:
+    """Open an image as RGB, turning every failure into :class:`InputError`.
+
+    Args:
+        image: A PIL image, a file path, or an encoded image file's bytes (PNG, JPEG, ...).
+    """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        source: Any = BytesIO(image)
+        what = f"({len(image)} bytes)"
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image not found: {path}")
+        source, what = path, str(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"unreadable or corrupt image {path}: {exc}") from exc
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"unreadable or corrupt image {what}: {exc}") from exc
 
 
 def _load_image(image: ImageLike) -> Image.Image:

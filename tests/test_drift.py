@@ -10,7 +10,7 @@ import pytest
 
 import analyses.kl_drift as kd
 from analyses.kl_drift import DriftConfig, assign_buckets, bucket_table, quantile_edges, run_drift
-from lens.data import load_jsonl
+from lens.datasets import load_jsonl
 from lens.errors import InputError
 
 # -- buckets on hand-made tables --------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_text_only_pair_drift(lm_pair, make_dataset):
 def test_resume_with_other_settings_is_refused(vl_pair, make_dataset, tmp_path):
     """Records made with other settings are never silently mixed with new ones."""
     from analyses.kl_drift import DriftConfig, run_drift
-    from lens.data import load_jsonl
+    from lens.datasets import load_jsonl
     from lens.errors import ConfigError
 
     samples = load_jsonl(make_dataset(2))

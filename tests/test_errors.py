@@ -13,7 +13,7 @@ from conftest import PROMPT, random_image, write_dataset
 from analyses.kl_drift import run_drift
 from lens import load_pair
 from lens.cli import main
-from lens.data import load_jsonl
+from lens.datasets import load_jsonl
 from lens.errors import (
     CheckpointError,
     DatasetError,

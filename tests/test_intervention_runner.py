@@ -10,7 +10,7 @@ from intervention_fixtures import image, tiny_pair
 import analyses.intervention as runner
 from analyses.intervention import InterventionRunConfig, numeric_match, run_interventions
 from analyses.replay import ReplayGrid, run_replay_grid
-from lens.data import Sample
+from lens.datasets import Sample
 from lens.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def samples(tmp_path_factory):
     for i in range(3):
         path = folder / f"{i}.png"
         image(seed=i, side=56).save(path)
-        out.append(Sample(id=f"s{i}", question="how many red shapes ?", image=path, answer=str(i)))
+        out.append(Sample(id=f"s{i}", question="how many red shapes ?", images=(path,), answer=str(i)))
     return out
 
 

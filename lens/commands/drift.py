@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_samples(args: argparse.Namespace) -> list:
-    from lens.data import check_images, load_jsonl
+    from lens.datasets import check_images, load_jsonl
 
     if args.data is not None:
         samples = load_jsonl(args.data)

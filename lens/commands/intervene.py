@@ -85,7 +85,7 @@ def load_items(args: argparse.Namespace) -> list:
     if args.items < 1:
         raise ConfigError(f"--items must be >= 1, got {args.items}")
     if args.data is not None:
-        from lens.data import load_jsonl
+        from lens.datasets import load_jsonl
 
         return load_jsonl(args.data)[: args.items]
     from lens import organism
