@@ -29,7 +29,6 @@ as a plain string, as real text-only templates (Qwen2.5, Llama 3) require.
 from __future__ import annotations
 
 import bisect
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -185,15 +184,8 @@ def open_image(image: Image.Image | str | Path | bytes) -> Image.Image:
 
 
 def _load_image(image: ImageLike) -> Image.Image:
-    """Open an image given as a PIL image, a path or encoded bytes (``open_image`` for the first two)."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        try:
-            with Image.open(io.BytesIO(bytes(image))) as img:
-                img.load()
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"unreadable or corrupt image bytes: {exc}") from exc
-    if not isinstance(image, (Image.Image, str, Path)):
+    """Open an image given as a PIL image, a path or encoded bytes; anything else is an InputError."""
+    if not isinstance(image, (Image.Image, str, Path, bytes, bytearray, memoryview)):
         raise InputError(f"an image must be a PIL image, a path or bytes, not {type(image).__name__}")
     return open_image(image)
 

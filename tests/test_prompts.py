@@ -14,7 +14,7 @@ import torch
 from conftest import PROMPT, RESPONSE, random_image
 
 from lens import load_pair
-from lens.data import Sample
+from lens.datasets import Sample
 from lens.errors import CheckpointError, ConfigError, InputError
 from lens.inputs import ROLE_PROMPT, ROLE_TEMPLATE, ROLE_VISUAL
 from lens.prompts import (
@@ -177,7 +177,7 @@ def test_image_bytes_equal_paths(vl_pair, image, tmp_path):
     from_bytes = encode_sample(vl_pair, Item("s", PROMPT, images=(buffer.getvalue(),)), "mm-eureka")
     for key, value in from_path.model_inputs.items():
         assert torch.equal(from_bytes.model_inputs[key], value), key
-    with pytest.raises(InputError, match="sample 'bad': unreadable or corrupt image bytes"):
+    with pytest.raises(InputError, match=r"sample .bad.: unreadable or corrupt image \(12 bytes\)"):
         encode_sample(vl_pair, Item("bad", PROMPT, images=(b"not an image",)), "plain")
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from lens import organism
-from lens.data import Sample as DataSample
+from lens.datasets import Sample as DataSample
 from lens.errors import ConfigError, InputError
 from lens.scoring import (
     VERIFIERS,
