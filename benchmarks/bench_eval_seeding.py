@@ -5,10 +5,13 @@ resumed evaluation equals an uninterrupted one byte for byte. Before, the sample
 model and items were batched (250 items per greedy call, 512 sequences per sampled call), which is
 faster but makes every item's samples depend on which items ran before it in the same batch.
 
-Both schemes run on the organism's ``base`` model over the same held-out items, alternating, one
-thread; the script prints the median wall time of each and their ratio.
+Both schemes run on the organism's ``base`` model over the same held-out items, alternating, at
+each thread count given; the script prints the median wall and CPU time of each. On a shared, busy
+machine CPU time is the steadier measure (wall time includes waiting for a core). Per-item batches
+are tiny (1 and ``n`` sequences): intra-op threads do not help them, which is why ``lens eval``
+defaults to one thread.
 
-    python benchmarks/bench_eval_seeding.py --items 500 --n 16 --repeats 3
+    python benchmarks/bench_eval_seeding.py --items 150 --n 16 --repeats 5 --threads 1,2
 """
 
 from __future__ import annotations
@@ -49,22 +52,29 @@ def main(argv=None) -> None:
     parser.add_argument("--items", type=int, default=500)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", default="1", help="torch threads, comma-separated to compare (e.g. 1,2)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     model, tok, _ = organism.load_model("base")
     encoder = Encoder(tok)
     samples = organism.heldout(args.items)
-    times: dict[str, list[float]] = {"batched": [], "per item": []}
+    schemes = [(t, label, run) for t in map(int, args.threads.split(",")) for label, run in
+               (("batched", batched), ("per item", per_item))]  # fmt: skip
+    wall: dict[str, list[float]] = {f"{label}, {t} thread(s)": [] for t, label, _ in schemes}
+    cpu: dict[str, list[float]] = {key: [] for key in wall}
     for _ in range(args.repeats):
-        for label, run in (("batched", batched), ("per item", per_item)):
-            start = time.perf_counter()
+        for threads, label, run in schemes:
+            torch.set_num_threads(threads)
+            start, start_cpu = time.perf_counter(), time.process_time()
             run(model, encoder, samples, args.n)
-            times[label].append(time.perf_counter() - start)
-    old, new = (statistics.median(times[k]) for k in ("batched", "per item"))
-    print(f"{args.items} items, n={args.n}, one model, {args.threads} thread(s), median of {args.repeats}:")
-    print(f"  batched  {old:7.2f} s   per item {new:7.2f} s   ratio {new / old:.2f}x")
-    print(f"  runs: {times}")
+            wall[f"{label}, {threads} thread(s)"].append(time.perf_counter() - start)
+            cpu[f"{label}, {threads} thread(s)"].append(time.process_time() - start_cpu)
+    print(f"{args.items} items, n={args.n}, one model, median of {args.repeats} (ratio: to the first row):")
+    first = next(iter(wall))
+    for key in wall:
+        w, c = statistics.median(wall[key]), statistics.median(cpu[key])
+        ratio = w / statistics.median(wall[first])
+        print(f"  {key:24s} wall {w:7.2f} s ({ratio:5.2f}x)   CPU {c:7.2f} s")
+    print(f"  wall runs: {wall}\n  CPU runs:  {cpu}")
 
 
 if __name__ == "__main__":

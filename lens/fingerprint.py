@@ -168,6 +168,16 @@ def pair_fingerprint(pair: Any) -> dict[str, Any]:
     return models_fingerprint({"base": pair.base, "rlvr": pair.rlvr})
 
 
+def without_paths(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint minus the checkpoints' folder paths: what must match for records to be reused."""
+    out = dict(fingerprint)
+    out["checkpoints"] = {
+        role: {k: v for k, v in identity.items() if k != "path"}
+        for role, identity in fingerprint.get("checkpoints", {}).items()
+    }
+    return out
+
+
 def _file_changes(role: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     changes = []
     if old.get("config") != new.get("config"):

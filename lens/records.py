@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lens.errors import ConfigError, DatasetError
+from lens.fingerprint import describe_changes, without_paths
 
 #: Record fields the writer owns; they are stripped from what :meth:`RecordWriter.read` returns.
 INPUTS_FIELD, RUN_FIELD = "_inputs", "_run"
@@ -78,7 +79,10 @@ class RecordWriter:
         self.done: set[str] = set()
         self._settings = _canonical(settings)
         self._fingerprint = _canonical(fingerprint)
-        stamp = json.dumps([self._settings, self._fingerprint], sort_keys=True)
+        content = (
+            None if fingerprint is None else without_paths(self._fingerprint)
+        )  # a moved checkpoint is the same
+        stamp = json.dumps([self._settings, content], sort_keys=True)
         self._run = (
             None
             if settings is None and fingerprint is None
@@ -122,8 +126,6 @@ class RecordWriter:
                     f"{self.path} holds records without a fingerprint of the models they came from "
                     f"(an older replay-lens); {hint}"
                 )
-            from lens.fingerprint import describe_changes
-
             changes = describe_changes(stored_fingerprint, self._fingerprint)
             if changes:
                 raise ConfigError(

@@ -228,6 +228,16 @@ def test_resume_with_another_checkpoint_of_the_same_name_is_refused(
     assert snapshot(out) == before
 
 
+def test_a_moved_checkpoint_resumes_without_recomputing(vl_dirs, rlvr_copy, data, tmp_path, capfd):
+    out = tmp_path / "out"
+    argv = ["drift", "--base", str(vl_dirs[0]), "--data", str(data), "--out", str(out), "--threads", "1"]
+    assert run_cli([*argv, "--rlvr", str(rlvr_copy)], capfd)[0] == 0
+    records = (out / "records.jsonl").read_bytes()
+    moved = shutil.move(rlvr_copy, tmp_path / "elsewhere" / "vl_rlvr")  # same folder name, same content
+    assert run_cli([*argv, "--rlvr", str(moved)], capfd)[0] == 0
+    assert (out / "records.jsonl").read_bytes() == records
+
+
 def test_resume_with_another_dtype_is_refused_before_loading(pair_args, data, tmp_path, capfd, monkeypatch):
     out = tmp_path / "out"
     argv = ["drift", *pair_args, "--data", str(data), "--out", str(out), "--layers", "0-1"]

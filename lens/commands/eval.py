@@ -26,7 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--items", type=int, default=500, help="held-out items (default 500)")
     parser.add_argument("--out", default="results/eval", help="output folder (default results/eval)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: per-item batches are too small to share)",
+    )
     parser.add_argument(
         "--fresh",
         "--no-resume",
