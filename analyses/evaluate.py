@@ -14,6 +14,7 @@ Outputs are tidy ``pandas`` tables:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,21 +49,17 @@ class EvalConfig:
     Attributes:
         ks: Budgets for pass@k; each must be <= ``n``.
         n: Samples per item at temperature 1.0.
-        batch_size: Generated sequences per ``generate`` call.
         max_new_tokens: Generation length.
         n_boot: Bootstrap resamples.
-        seed: Seed for sampling (per model) and for the bootstrap.
-        greedy_batch: Items per greedy ``generate`` call (and per resumable chunk). The organism's
-            manifest accuracy was measured with the same batch, so greedy numbers match it exactly.
+        seed: Seed of the bootstrap, and of sampling: each (item, model) draws from its own generator
+            seeded by :func:`item_seed`, so results do not depend on batching or on resumption.
     """
 
     ks: tuple[int, ...] = (1, 4, 8, 16)
     n: int = 16
-    batch_size: int = 512
     max_new_tokens: int = 4
     n_boot: int = 2000
     seed: int = 0
-    greedy_batch: int = 250
 
     def __post_init__(self):
         if self.n < 1:
@@ -72,6 +69,49 @@ class EvalConfig:
         bad = [k for k in self.ks if k < 1 or k > self.n]
         if bad:
             raise ConfigError(f"--k values {bad} are outside [1, n={self.n}]; raise --n or lower --k")
+
+
+def item_seed(seed: int, model: str, item: str, setting: str = "sampled") -> int:
+    """The sampling seed of one (item, model, setting): independent of batching, order and resumption."""
+    digest = hashlib.sha256(f"{seed}/{model}/{item}/{setting}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def record_key(model: str, item: str) -> str:
+    """Record key of one (model, item) in the evaluation's record file."""
+    return f"{model}:{item}"
+
+
+def score_item(
+    model: Any,
+    encoder: Any,
+    sample: Any,
+    verifier: Callable[[str, Any], bool],
+    cfg: EvalConfig,
+    name: str,
+) -> dict[str, Any]:
+    """Greedy and ``n`` sampled generations of one item, scored.
+
+    The item is generated alone (no other item in its batch) and its sampler is seeded from
+    :func:`item_seed`, so the record is the same whichever items ran before it, in any batch, and an
+    interrupted evaluation resumed later equals an uninterrupted one byte for byte.
+    """
+    from lens.organism.train import rollout  # the batched generate loop (suppresses vision tokens)
+
+    greedy = rollout(model, encoder, [sample], n=1, do_sample=False, max_new_tokens=cfg.max_new_tokens)[0]
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        torch.manual_seed(item_seed(cfg.seed, name, str(sample.id)))
+        sampled = rollout(model, encoder, [sample], n=cfg.n, do_sample=True, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.n)[0]  # fmt: skip
+    return {
+        "model": name,
+        "id": sample.id,
+        "qtype": sample.qtype,
+        "greedy": int(verifier(greedy[0], sample.answer)),
+        "correct": int(sum(verifier(t, sample.answer) for t in sampled)),
+        "n": cfg.n,
+        "response": greedy[0],
+    }
 
 
 def score_model(
@@ -100,42 +140,23 @@ def score_model(
     Returns:
         One row per item: ``model, id, qtype, greedy, correct, n, response``.
     """
-    from lens.organism.train import rollout  # the batched generate loop (suppresses vision tokens)
-
-    done = {}
+    done: dict[str, dict[str, Any]] = {}
     if writer is not None:
-        for rec in writer:
-            if rec.get("model") == name:
-                done[rec["id"]] = rec
-    todo = [s for s in samples if s.id not in done]
-    chunk = cfg.greedy_batch
-    # Seed per model so a model's samples do not depend on which models ran before it.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    for i in range(0, len(todo), chunk):
-        part = todo[i : i + chunk]
-        greedy = rollout(model, encoder, part, n=1, do_sample=False, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.greedy_batch)  # fmt: skip
-        sampled = rollout(model, encoder, part, n=cfg.n, do_sample=True, max_new_tokens=cfg.max_new_tokens,
-                          batch_size=cfg.batch_size)  # fmt: skip
-        for s, g, smp in zip(part, greedy, sampled, strict=True):
-            rec = {
-                "model": name,
-                "id": s.id,
-                "qtype": s.qtype,
-                "greedy": int(verifier(g[0], s.answer)),
-                "correct": int(sum(verifier(t, s.answer) for t in smp)),
-                "n": cfg.n,
-                "response": g[0],
-            }
-            done[s.id] = rec
-            if writer is not None:
-                writer.write(f"{name}:{s.id}", rec)
+        keys = {record_key(name, str(s.id)): str(s.id) for s in samples}
+        done = {keys[r["sample_id"]]: r for r in writer.read(k for k in keys if k in writer)}
+    skipped = len(done)
+    if progress is not None and skipped:
+        progress.update(skipped)
+    for s in samples:
+        if str(s.id) in done:
+            continue
+        rec = score_item(model, encoder, s, verifier, cfg, name)
+        if writer is not None:
+            writer.write(record_key(name, str(s.id)), rec)
+        done[str(s.id)] = rec
         if progress is not None:
-            progress.update(len(part))
-    if progress is not None and len(todo) < len(samples):
-        progress.update(len(samples) - len(todo))
-    rows = [done[s.id] for s in samples]
+            progress.update(1)
+    rows = [done[str(s.id)] for s in samples]
     return pd.DataFrame(rows, columns=["model", "id", "qtype", "greedy", "correct", "n", "response"])
 
 

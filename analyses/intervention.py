@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from lens.errors import ConfigError, DatasetError
+from lens.fingerprint import pair_fingerprint, sample_digests
 from lens.interventions import ActivationReplay, Baseline, HardInjection, Intervention
 from lens.masks import EntropyMask
 from lens.metrics import bootstrap_ci, paired_bootstrap_ci, pass_at_k_array
@@ -252,11 +253,13 @@ def run_settings(
     settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
     for key in ("strategies", "ks", "n_boot"):
         settings.pop(key)
-    writer = (
-        RecordWriter(Path(out_dir) / "records.jsonl", resume=resume, settings=settings)
-        if out_dir is not None
-        else None
-    )
+    writer = None
+    if out_dir is not None:
+        digests = sample_digests(samples)
+        inputs = {f"{i.setting()}/{sid}": d for _, i in interventions for sid, d in digests.items()}
+        writer = RecordWriter(
+            Path(out_dir) / "records.jsonl", resume, settings, pair_fingerprint(pair), inputs
+        )
     memory: list[dict[str, Any]] = []
     wanted: set[str] = set()
     total = len(samples) * len(interventions)

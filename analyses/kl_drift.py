@@ -18,6 +18,7 @@ from scipy import stats as sps
 
 from lens.datasets import check_images, sample_images
 from lens.errors import ConfigError, DatasetError, InputError
+from lens.fingerprint import pair_fingerprint, sample_digests
 from lens.logit_lens import LensConfig, pair_lens
 from lens.records import RecordWriter, pack_array, unpack_array, write_tables
 
@@ -232,7 +233,9 @@ def run_drift(
         out = Path(out_dir)
         settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
         settings.pop("n_buckets")  # bucketing happens after the records
-        writer = RecordWriter(out / "records.jsonl", resume=resume, settings=settings)
+        writer = RecordWriter(
+            out / "records.jsonl", resume, settings, pair_fingerprint(pair), sample_digests(samples)
+        )
         todo = [s for s in samples if s.id not in writer]
         for sample in tqdm(
             todo,

@@ -55,6 +55,7 @@ from torch import nn
 
 from lens.datasets import sample_images
 from lens.errors import ConfigError, DatasetError, InputError
+from lens.fingerprint import pair_fingerprint, sample_digests
 from lens.inputs import PairInputs
 from lens.interventions.base import edit_input
 from lens.logit_lens import LogitLens, distribution_stats, lens_entropy, lens_of
@@ -808,7 +809,9 @@ def run_perturbation(
         out = Path(out_dir)
         settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
         settings.pop("n_boot")  # statistics are computed after the records
-        writer = RecordWriter(out / "records.jsonl", resume=resume, settings=settings)
+        writer = RecordWriter(
+            out / "records.jsonl", resume, settings, pair_fingerprint(pair), sample_digests(samples)
+        )
         for sample, record in records_for([s for s in samples if str(s.id) not in writer]):
             writer.write(str(sample.id), record)
         records = writer.read(str(s.id) for s in samples)

@@ -111,6 +111,7 @@ def run_reproduce(
     from analyses.perturbation import PerturbConfig, run_perturbation
     from analyses.replay import ReplayGrid, run_replay_grid
     from lens import organism
+    from lens.fingerprint import models_fingerprint, sample_digests
     from lens.plot.drift import plot_kl_by_entropy
     from lens.plot.style import save_figure
     from lens.records import RecordWriter
@@ -172,15 +173,20 @@ def run_reproduce(
     from lens.organism.model import Encoder
 
     encoder = Encoder(models["base"][1])
+    eval_items = organism.heldout(config.eval_items)
+    eval_models = {name: m[0] for name, m in models.items()}
+    digests = sample_digests(eval_items)
     eval_result = ev.evaluate(
-        {name: m[0] for name, m in models.items()},
+        eval_models,
         encoder,
-        organism.heldout(config.eval_items),
+        eval_items,
         organism.verify,
         eval_cfg,
         writer=RecordWriter(
             out / "eval" / "records.jsonl",
             settings={k: v for k, v in asdict(eval_cfg).items() if k not in ("ks", "n_boot")},
+            fingerprint=models_fingerprint(eval_models),
+            inputs={ev.record_key(m, i): d for m in eval_models for i, d in digests.items()},
         ),
         progress=progress,
     )

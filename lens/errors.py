@@ -29,3 +29,7 @@ class DatasetError(ReplayLensError):
 
 class ConfigError(ReplayLensError, ValueError):
     """A parameter is outside its valid range."""
+
+
+class OutputError(ReplayLensError):
+    """The output folder cannot be used: a file, not writable, or in use by another run."""

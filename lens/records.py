@@ -4,17 +4,44 @@ A run appends one JSON line per finished sample and flushes it to disk. On resum
 read back; a torn last line (the process died mid-write) is cut off, and samples whose ids are
 already present are skipped. Every later analysis (drift, interventions, replay, evaluation) uses
 this one writer.
+
+What the records depend on is stored beside them (``<name>.settings.json``): the run's settings and
+its fingerprint (checkpoint identities, dtype, device type; :mod:`lens.fingerprint`). A resume with
+other settings or another fingerprint is refused, naming what changed. Each record also carries the
+digest of its sample's inputs (``_inputs``) and of the run's settings (``_run``): a record whose
+sample changed since is recomputed, and its old line is dropped, so it is never counted twice.
+
+Nothing is deleted before the first new record exists: ``resume=False`` and the removal of stale
+records take effect when the first record is written, through a temporary file renamed over the old
+one. A run refused or failed before that leaves the previous results as they were. The writer holds
+the output folder's lock (:mod:`lens.outdir`) until :meth:`RecordWriter.close`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from lens.errors import ConfigError, DatasetError
+from lens.fingerprint import describe_changes, without_paths
+
+#: Record fields the writer owns; they are stripped from what :meth:`RecordWriter.read` returns.
+INPUTS_FIELD, RUN_FIELD = "_inputs", "_run"
+
+
+def _canonical(value: Any) -> Any:
+    return None if value is None else json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _strip(record: dict[str, Any]) -> dict[str, Any]:
+    record.pop(INPUTS_FIELD, None)
+    record.pop(RUN_FIELD, None)
+    return record
 
 
 class RecordWriter:
@@ -22,35 +49,88 @@ class RecordWriter:
 
     Args:
         path: The JSONL file.
-        resume: Keep existing records and skip their samples; otherwise start afresh.
-        settings: What the records depend on (model names, config). Stored beside the records
-            (``<name>.settings.json``); resuming with different settings is refused, because the
-            old records would silently be mixed with new ones.
+        resume: Keep existing records and skip their samples; otherwise start afresh (the old file is
+            replaced when the first new record is written, not before).
+        settings: What the records depend on (model names, config). Resuming with different settings
+            is refused, because the old records would silently be mixed with new ones.
+        fingerprint: Checkpoint identities, dtype and device type (:mod:`lens.fingerprint`); resuming
+            with another one is refused, naming what changed.
+        inputs: ``{record key: digest of the sample's inputs}``. On resume, a record whose digest
+            differs is superseded: its sample is recomputed and the old line dropped.
 
     Raises:
-        ConfigError: On resume, when ``settings`` differ from the stored ones.
+        ConfigError: On resume, when ``settings`` or ``fingerprint`` differ from the stored ones.
+        OutputError: Another process is writing into the same folder.
     """
 
-    def __init__(self, path: str | Path, resume: bool = True, settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        resume: bool = True,
+        settings: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        inputs: Mapping[str, str] | None = None,
+    ) -> None:
+        from lens import outdir
+
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.settings_path = self.path.with_name(self.path.stem + ".settings.json")
+        self.inputs = {str(k): v for k, v in (inputs or {}).items()}
         self.done: set[str] = set()
-        wanted = None if settings is None else json.loads(json.dumps(settings, sort_keys=True, default=str))
-        if self.path.exists() and resume:
-            if wanted is not None and self.settings_path.exists():
-                stored = json.loads(self.settings_path.read_text())
-                if stored != wanted:
-                    changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-                    raise ConfigError(
-                        f"{self.path} holds records made with other settings ({', '.join(changed)}); "
-                        "rerun with --no-resume or use another output folder"
-                    )
-            self._recover()
-        elif self.path.exists():
-            self.path.unlink()
-        if wanted is not None:
-            atomic_write(self.settings_path, lambda tmp: Path(tmp).write_text(json.dumps(wanted, indent=1)))
+        self._settings = _canonical(settings)
+        self._fingerprint = _canonical(fingerprint)
+        content = (
+            None if fingerprint is None else without_paths(self._fingerprint)
+        )  # a moved checkpoint is the same
+        stamp = json.dumps([self._settings, content], sort_keys=True)
+        self._run = (
+            None
+            if settings is None and fingerprint is None
+            else hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        )
+        self._keep: list[tuple[int, int]] | None = None  # byte ranges to keep when the file is replaced
+        self._settings_written = False
+        outdir.claim(self.path.parent)
+        self._finalizer = weakref.finalize(self, outdir.release, self.path.parent)
+        try:
+            if self.path.exists() and resume:
+                self._check_stored()
+                self._recover()
+            elif self.path.exists():
+                self._keep = []  # --no-resume: the old file goes when the first new record is written
+        except BaseException:
+            self.close()
+            raise
+
+    # -- resume ---------------------------------------------------------------------------------
+    def _check_stored(self) -> None:
+        if self._settings is None and self._fingerprint is None:
+            return
+        stored_settings, stored_fingerprint = None, None
+        if self.settings_path.exists():
+            stored = json.loads(self.settings_path.read_text(encoding="utf-8"))
+            if isinstance(stored, dict) and set(stored) == {"settings", "fingerprint"}:
+                stored_settings, stored_fingerprint = stored["settings"], stored["fingerprint"]
+            else:  # written by replay-lens before fingerprints
+                stored_settings = stored
+        hint = "rerun with --no-resume or use another output folder"
+        if self._settings is not None and stored_settings is not None and stored_settings != self._settings:
+            keys = set(stored_settings) | set(self._settings)
+            changed = sorted(k for k in keys if stored_settings.get(k) != self._settings.get(k))
+            raise ConfigError(
+                f"{self.path} holds records made with other settings ({', '.join(changed)}); {hint}"
+            )
+        if self._fingerprint is not None:
+            if stored_fingerprint is None:
+                raise ConfigError(
+                    f"{self.path} holds records without a fingerprint of the models they came from "
+                    f"(an older replay-lens); {hint}"
+                )
+            changes = describe_changes(stored_fingerprint, self._fingerprint)
+            if changes:
+                raise ConfigError(
+                    f"{self.path} holds records made with other models: {'; '.join(changes)}; {hint}"
+                )
 
     def _recover(self) -> None:
         raw = self.path.read_bytes()
@@ -58,35 +138,123 @@ class RecordWriter:
         if good != len(raw):
             with open(self.path, "r+b") as fh:
                 fh.truncate(good)
-        for lineno, line in enumerate(raw[:good].splitlines(), start=1):
+        keep: list[tuple[int, int]] = []
+        start = 0
+        for lineno, line in enumerate(raw[:good].splitlines(keepends=True), start=1):
+            span = (start, start + len(line))
+            start = span[1]
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{self.path}:{lineno}: corrupt record ({exc.msg})") from exc
-            self.done.add(str(record["sample_id"]))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DatasetError(f"{self.path}:{lineno}: corrupt record ({exc})") from exc
+            key = str(record["sample_id"])
+            if self._current(key, record):
+                self.done.add(key)
+                keep.append(span)
+        if len(keep) < raw[:good].count(b"\n"):
+            self._keep = keep  # superseded lines go when the first new record is written
+
+    def _current(self, key: str, record: dict[str, Any]) -> bool:
+        """Whether a stored record still holds for this run's settings and this sample's inputs.
+
+        A record stamped by another run (possible only if a run died between writing the settings
+        and its first record) does not; one from before run stamps does when the settings matched.
+        """
+        if self._run is not None and record.get(RUN_FIELD, self._run) != self._run:
+            return False
+        return key not in self.inputs or record.get(INPUTS_FIELD) == self.inputs[key]
 
     def __contains__(self, sample_id: str) -> bool:
         return str(sample_id) in self.done
 
+    # -- writing --------------------------------------------------------------------------------
     def write(self, sample_id: str, record: dict[str, Any]) -> None:
         """Append one sample's record and make it durable before returning."""
         sample_id = str(sample_id)
         if sample_id in self.done:
             raise ValueError(f"sample {sample_id!r} was already written")
-        line = json.dumps({"sample_id": sample_id, **record}, separators=(",", ":")) + "\n"
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        full = {"sample_id": sample_id, **record}
+        if sample_id in self.inputs:
+            full[INPUTS_FIELD] = self.inputs[sample_id]
+        if self._run is not None:
+            full[RUN_FIELD] = self._run
+        line = (json.dumps(full, separators=(",", ":")) + "\n").encode("utf-8")
+        if not self._settings_written:
+            self._write_settings()
+        if self._keep is not None:
+            self._replace_with(line)
+        else:
+            self._append(line)
         self.done.add(sample_id)
 
+    def _write_settings(self) -> None:
+        if self._settings is not None or self._fingerprint is not None:
+            text = json.dumps({"settings": self._settings, "fingerprint": self._fingerprint}, indent=1)
+            atomic_write(self.settings_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        self._settings_written = True
+
+    def _append(self, line: bytes) -> None:
+        with open(self.path, "ab") as fh:
+            size = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            except BaseException:
+                fh.truncate(size)  # e.g. a full disk: leave no torn line behind
+                raise
+
+    def _replace_with(self, line: bytes) -> None:
+        keep = self._keep or []
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as out:
+                if keep:
+                    with open(self.path, "rb") as old:
+                        for begin, end in keep:
+                            old.seek(begin)
+                            out.write(old.read(end - begin))
+                out.write(line)
+                out.flush()
+                os.fsync(out.fileno())
+
+        atomic_write(self.path, write)
+        self._keep = None
+
+    def close(self) -> None:
+        """Release the output folder's lock (also done when the writer is garbage-collected)."""
+        self._finalizer()
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------------
+    def _latest(self) -> dict[str, dict[str, Any]]:
+        """The record of every current key, in the run's order (that of ``inputs``), then file order.
+
+        The run's order makes a resumed run's tables equal an uninterrupted run's, even when
+        superseded samples were recomputed (and so appended) last.
+        """
+        latest: dict[str, dict[str, Any]] = {}
+        for record in iter_records(self.path):
+            key = str(record["sample_id"])
+            if key in self.done and self._current(key, record):
+                latest[key] = _strip(record)
+        if self.inputs:
+            order = {key: i for i, key in enumerate(self.inputs)}
+            latest = dict(sorted(latest.items(), key=lambda item: order.get(item[0], len(order))))
+        return latest
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter_records(self.path)
+        return iter(list(self._latest().values()))
 
     def read(self, sample_ids: Iterable[str]) -> list[dict[str, Any]]:
-        """The records of ``sample_ids`` (in file order), e.g. this run's subset of a larger file."""
+        """The records of ``sample_ids`` (in the run's order), e.g. this run's subset of a larger file."""
         wanted = {str(i) for i in sample_ids}
-        return [r for r in iter_records(self.path) if r["sample_id"] in wanted]
+        return [r for k, r in self._latest().items() if k in wanted]
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_layers
+from lens.commands.common import (
+    add_pair_arguments,
+    check_layers,
+    check_resume,
+    check_run_options,
+    check_samples,
+    inspect_pair,
+    load_pair_from_args,
+    parse_layers,
+    read_dataset,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_pair_arguments(parser)
     parser.add_argument("--data", default=None, help="JSONL dataset (default: the organism's held-out set)")
     parser.add_argument("--items", type=int, default=200, help="held-out items when --data is not given")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples (N >= 1)")
     parser.add_argument("--out", default="runs/drift", help="output folder (default: runs/drift)")
     parser.add_argument("--buckets", type=int, default=5, help="base-entropy quantile buckets (default 5)")
     parser.add_argument("--layers", default=None, help="layers, e.g. 0-15 (default: all)")
@@ -26,15 +36,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_samples(args: argparse.Namespace) -> list:
-    from lens.datasets import check_images, load_jsonl
+    """The dataset (``--data``, or ``--items`` organism items), cut to ``--limit``, images opened once.
 
+    Raises:
+        ConfigError: ``--items`` or ``--limit`` below 1.
+        DatasetError / InputError: A malformed dataset or an unreadable image.
+    """
+    from lens.commands.common import check_at_least
+    from lens.datasets import check_images
+
+    check_at_least(args.items, "--items")
+    check_at_least(args.limit, "--limit")
     if args.data is not None:
-        samples = load_jsonl(args.data)
+        samples = read_dataset(args.data)
     else:
         from lens import organism
 
         samples = organism.heldout(n=args.items)
-    samples = samples[: args.limit] if args.limit else samples
+    if args.limit is not None:
+        samples = samples[: args.limit]
     # Before loading the pair: a corrupt image fails fast and leaves nothing behind.
     check_images(samples)
     return samples
@@ -42,15 +62,21 @@ def load_samples(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.kl_drift import DriftConfig, run_drift, summary_table
-    from lens.errors import ConfigError
+    from lens.outdir import OutputFolder
 
-    if args.buckets < 1:
-        raise ConfigError(f"--buckets must be >= 1, got {args.buckets}")
-    samples = load_samples(args)
-    pair = load_pair_from_args(args)
+    check_run_options(args)
     config = DriftConfig(n_buckets=args.buckets, layers=parse_layers(args.layers))
-    title = f"{pair.names[0]} → {pair.names[1]}"
-    result = run_drift(pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title)
+    samples = load_samples(args)
+    spec = inspect_pair(args)
+    check_layers(config.layers, spec.n_layers)
+    check_samples(samples, spec, args.data)
+    check_resume(Path(args.out) / "records.jsonl", spec, args)
+    with OutputFolder(args.out):
+        pair = load_pair_from_args(args)
+        title = f"{pair.names[0]} → {pair.names[1]}"
+        result = run_drift(
+            pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title
+        )
     out = Path(args.out)
     print(f"\nKL(P_base || P_rlvr) by base-entropy bucket (1 = lowest), {len(samples)} samples, {title}:")
     print(summary_table(result).to_string(float_format=lambda x: f"{x:.4f}"))

@@ -26,8 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--items", type=int, default=500, help="held-out items (default 500)")
     parser.add_argument("--out", default="results/eval", help="output folder (default results/eval)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--fresh", action="store_true", help="ignore per-item records of an earlier run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: per-item batches are too small to share)",
+    )
+    parser.add_argument(
+        "--fresh",
+        "--no-resume",
+        dest="fresh",
+        action="store_true",
+        help="ignore per-item records of an earlier run",
+    )
     parser.set_defaults(handler=run_eval)
 
 
@@ -43,15 +54,13 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 
 def check_args(args: argparse.Namespace):
-    """Validate the arguments before anything is loaded; returns the :class:`EvalConfig`."""
+    """Validate the arguments before anything is loaded or written; returns the :class:`EvalConfig`."""
     from analyses.evaluate import EvalConfig
+    from lens.commands.common import check_run_options
 
     if args.pair not in KNOWN_PAIRS:
         raise ConfigError(f"unknown pair {args.pair!r}; known pairs: {', '.join(KNOWN_PAIRS)}")
-    if args.items < 1:
-        raise ConfigError(f"--items must be >= 1, got {args.items}")
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    check_run_options(args)
     return EvalConfig(ks=parse_ks(args.k), n=args.n, seed=args.seed)
 
 
@@ -60,22 +69,32 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = check_args(args)
     import torch
 
-    from analyses.evaluate import evaluate, wide_table, write_outputs
+    from analyses.evaluate import evaluate, record_key, wide_table, write_outputs
     from lens import organism
+    from lens.fingerprint import models_fingerprint, sample_digest
     from lens.organism.model import Encoder
+    from lens.outdir import OutputFolder
     from lens.records import RecordWriter
 
     torch.set_num_threads(args.threads)
-    loaded = {name: organism.load_model(name) for name in organism.MODEL_NAMES}
-    encoder = Encoder(loaded["base"][1])
-    models = {name: m for name, (m, _, _) in loaded.items()}
     out = Path(args.out)
-    tag = f"n{cfg.n}-seed{cfg.seed}-items{args.items}"
-    writer = RecordWriter(out / f"records-{tag}.jsonl", resume=not args.fresh)
-    result = evaluate(
-        models, encoder, organism.heldout(args.items), organism.verify, cfg, writer=writer, progress=True
-    )
-    write_outputs(result, out, title=f"organism, {args.items} held-out items, n={cfg.n}")
+    samples = organism.heldout(args.items)
+    with OutputFolder(out):
+        loaded = {name: organism.load_model(name) for name in organism.MODEL_NAMES}
+        encoder = Encoder(loaded["base"][1])
+        models = {name: m for name, (m, _, _) in loaded.items()}
+        tag = f"n{cfg.n}-seed{cfg.seed}-items{args.items}"
+        digests = {str(s.id): sample_digest(s) for s in samples}
+        writer = RecordWriter(
+            out / f"records-{tag}.jsonl",
+            resume=not args.fresh,
+            settings={"n": cfg.n, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens},
+            fingerprint=models_fingerprint(models),
+            inputs={record_key(m, i): d for m in models for i, d in digests.items()},
+        )
+        with writer:
+            result = evaluate(models, encoder, samples, organism.verify, cfg, writer=writer, progress=True)
+            write_outputs(result, out, title=f"organism, {args.items} held-out items, n={cfg.n}")
     print(wide_table(result.summary).to_string())
     d = result.differences
     if len(d):

@@ -5,7 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_layers
+from lens.commands.common import (
+    add_pair_arguments,
+    check_layers,
+    check_resume,
+    check_run_options,
+    check_samples,
+    check_topk,
+    inspect_pair,
+    load_pair_from_args,
+    parse_layers,
+    read_dataset,
+)
+
+#: Strategies that act on visual tokens, so every item needs an image.
+VISUAL_STRATEGIES = ("hard-low", "hard-high", "replay", "replay-high")
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,17 +94,43 @@ def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
 
 
 def load_items(args: argparse.Namespace) -> list:
-    from lens.errors import ConfigError
+    """The first ``--items`` items of ``--data`` (or of the organism's held-out set), images opened once."""
+    from lens.commands.common import check_at_least
+    from lens.datasets import check_images
 
-    if args.items < 1:
-        raise ConfigError(f"--items must be >= 1, got {args.items}")
+    check_at_least(args.items, "--items")
     if args.data is not None:
-        from lens.datasets import load_jsonl
+        samples = read_dataset(args.data)[: args.items]
+    else:
+        from lens import organism
 
-        return load_jsonl(args.data)[: args.items]
-    from lens import organism
+        samples = organism.heldout(n=args.items)
+    check_images(samples)
+    return samples
 
-    return organism.heldout(n=args.items)
+
+def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str, ...]) -> list:
+    """Every check that needs no weights; returns the samples.
+
+    The interventions are built once against the layer count read from ``config.json``, which
+    validates every replay and injection hyper-parameter before the models load.
+    """
+    from analyses.intervention import make_intervention
+
+    check_run_options(args)
+    samples = load_items(args)
+    spec = inspect_pair(args)
+    check_layers(config.layers, spec.n_layers)
+    visual = [s for s in strategies if s in VISUAL_STRATEGIES]
+    if any(s.startswith("replay") for s in strategies):
+        check_topk(config.topk, spec.vocab_size)
+    for strategy in strategies:
+        make_intervention(strategy, config, spec.n_layers)
+    check_samples(
+        samples, spec, args.data, needs_image=f"--strategies {','.join(visual)}" if visual else None
+    )
+    check_resume(Path(args.out) / "records.jsonl", spec, args)
+    return samples
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -114,15 +154,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.intervention import run_interventions, wide_table
+    from lens.outdir import OutputFolder
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     config = run_config(args, strategies)
-    samples = load_items(args)
-    pair = load_pair_from_args(args)
-    title = f"{pair.names[0]} → {pair.names[1]}"
-    result = run_interventions(
-        pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title
-    )
+    samples = check_before_loading(args, config, strategies)
+    with OutputFolder(args.out):
+        pair = load_pair_from_args(args)
+        title = f"{pair.names[0]} → {pair.names[1]}"
+        result = run_interventions(
+            pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title
+        )
     print(f"\n{len(samples)} items, {title}, mask {config.mask.describe()}; value [95% bootstrap CI]:")
     print(wide_table(result.summary).to_string())
     print(f"\nwrote {Path(args.out)}/summary.csv, per_item.csv, records.jsonl, pass_at_k.png")

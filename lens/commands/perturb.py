@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lens.commands.common import add_pair_arguments, load_pair_from_args, parse_layers
+from lens.commands.common import (
+    add_pair_arguments,
+    check_layers,
+    check_resume,
+    check_run_options,
+    check_samples,
+    inspect_pair,
+    load_pair_from_args,
+    parse_layers,
+)
 from lens.commands.intervene import add_mask_arguments
 
 KIND_CHOICES = {"pixel": ("pixel",), "embedding": ("embedding",), "both": ("pixel", "embedding")}
@@ -26,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", default=None, help="JSONL dataset with answers (default: organism held-out)"
     )
     parser.add_argument("--items", type=int, default=40, help="held-out items when --data is not given")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N samples (N >= 1)")
     parser.add_argument(
         "--sigmas",
         default="0,0.05,0.1,0.2,0.4,0.8",
@@ -61,14 +70,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from analyses.perturbation import (
         PerturbConfig,
-        check_samples,
         load_incorrect,
         parse_sigmas,
         run_perturbation,
     )
+    from analyses.perturbation import check_samples as check_study_samples
     from lens.commands.drift import load_samples
     from lens.errors import ConfigError
+    from lens.outdir import OutputFolder
 
+    check_run_options(args)
     if "{answer}" not in args.response_format:
         raise ConfigError("--response-format must contain {answer}")
     config = PerturbConfig(
@@ -84,21 +95,26 @@ def run(args: argparse.Namespace) -> int:
     )
     supplied = load_incorrect(args.incorrect_file) if args.incorrect_file else None
     samples = load_samples(args)
-    # Before loading the models: a dataset without answers fails at once.
-    check_samples(samples)
-    pair = load_pair_from_args(args)
-    title = f"{pair.names[0]} → {pair.names[1]}"
-    result = run_perturbation(
-        pair,
-        samples,
-        args.out,
-        config,
-        formatter=lambda answer: args.response_format.format(answer=answer),
-        incorrect=supplied,
-        resume=not args.no_resume,
-        progress=True,
-        title=title,
-    )
+    # Before loading the models: a dataset without answers or images fails at once.
+    check_study_samples(samples)
+    spec = inspect_pair(args)
+    check_layers(config.layers, spec.n_layers)
+    check_samples(samples, spec, args.data, needs_image="perturbation of the image")
+    check_resume(Path(args.out) / "records.jsonl", spec, args)
+    with OutputFolder(args.out):
+        pair = load_pair_from_args(args)
+        title = f"{pair.names[0]} → {pair.names[1]}"
+        result = run_perturbation(
+            pair,
+            samples,
+            args.out,
+            config,
+            formatter=lambda answer: args.response_format.format(answer=answer),
+            incorrect=supplied,
+            resume=not args.no_resume,
+            progress=True,
+            title=title,
+        )
     out = Path(args.out)
     sources = result.table.drop_duplicates("sample_id")["incorrect_source"].value_counts().to_dict()
     print(f"\n{len(samples)} samples, {title}; incorrect answers from: {sources}")

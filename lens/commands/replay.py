@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from lens.commands.common import add_pair_arguments, load_pair_from_args
-from lens.commands.intervene import add_run_arguments, load_items, parse_floats, run_config
+from lens.commands.intervene import add_run_arguments, check_before_loading, parse_floats, run_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.replay import ReplayGrid, run_replay_grid
+    from lens.outdir import OutputFolder
 
     config = run_config(args, ("rlvr", "replay"))
     if args.grid:
@@ -47,20 +48,21 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         grid = ReplayGrid((args.tau,), (args.alpha,), (args.quantile,))
-    samples = load_items(args)
-    pair = load_pair_from_args(args)
-    title = f"{pair.names[0]} → {pair.names[1]}"
-    result = run_replay_grid(
-        pair,
-        samples,
-        args.out,
-        grid,
-        config,
-        select="high" if args.high else "low",
-        resume=not args.no_resume,
-        progress=True,
-        title=title,
-    )
+    samples = check_before_loading(args, config, ("rlvr", "replay-high" if args.high else "replay"))
+    with OutputFolder(args.out):
+        pair = load_pair_from_args(args)
+        title = f"{pair.names[0]} → {pair.names[1]}"
+        result = run_replay_grid(
+            pair,
+            samples,
+            args.out,
+            grid,
+            config,
+            select="high" if args.high else "low",
+            resume=not args.no_resume,
+            progress=True,
+            title=title,
+        )
     axis = "quantile" if config.mask_rule == "quantile" else "tau"
     columns = [axis, "alpha", "greedy_pass@1", "ci_low", "ci_high", "delta_vs_rlvr", "delta_ci_low",
                "delta_ci_high", "mean_first_loss", "mean_final_loss"]  # fmt: skip

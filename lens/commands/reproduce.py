@@ -28,20 +28,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lens.commands.common import check_run_options
+
     if args.pair != "organism":
         raise ConfigError(f"unknown pair {args.pair!r}; known pairs: organism")
     if not args.scale > 0:
         raise ConfigError(f"--scale must be > 0, got {args.scale}")
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    check_run_options(args)
     import torch
 
     from analyses.reproduce import ReproduceConfig, run_reproduce
+    from lens.outdir import OutputFolder
 
     torch.set_num_threads(args.threads)
     config = ReproduceConfig(seed=args.seed)
     if args.scale != 1.0:
         config = config.scaled(args.scale)
-    report = run_reproduce(args.out, config)
+    with OutputFolder(args.out):
+        report = run_reproduce(args.out, config)
     print(f"wrote {report}")
     return 0
