@@ -222,20 +222,13 @@ def describe_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
 def _image_bytes(image: Any) -> bytes:
     if image is None:
         return b""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
     if isinstance(image, (str, Path)):
         return Path(image).read_bytes()
     if hasattr(image, "tobytes") and hasattr(image, "mode"):  # a PIL image
         return f"{image.mode}:{image.size}:".encode() + image.tobytes()
     return repr(image).encode()
-
-
-def sample_images(sample: Any) -> tuple[Any, ...]:
-    """A sample's images, whether it has ``images`` (several) or ``image`` (one or ``None``)."""
-    images = getattr(sample, "images", None)
-    if images is not None and not isinstance(images, (str, bytes)):
-        return tuple(images)
-    image = getattr(sample, "image", None)
-    return () if image is None else (image,)
 
 
 #: Sample fields that enter the digest (whichever exist). ``answer`` counts: correctness is recorded.
@@ -244,6 +237,8 @@ DIGEST_FIELDS = ("question", "response", "answer", "options", "hint")
 
 def sample_digest(sample: Any) -> str:
     """Digest of what a sample's records depend on: its text fields and its images' bytes."""
+    from lens.datasets import sample_images
+
     h = hashlib.sha256()
     text = {field: getattr(sample, field, None) for field in DIGEST_FIELDS}
     h.update(json.dumps(text, sort_keys=True, default=str).encode())

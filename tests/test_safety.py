@@ -273,14 +273,14 @@ def test_sample_digest_covers_question_image_response_and_options(tmp_path):
     from lens.datasets import Sample
 
     random_image(56, 84).save(tmp_path / "a.png")
-    a = Sample(id="a", question=PROMPT, image=tmp_path / "a.png", response=RESPONSE)
+    a = Sample(id="a", question=PROMPT, images=(tmp_path / "a.png",), response=RESPONSE)
     assert sample_digest(a) == sample_digest(
-        Sample(id="other id", question=PROMPT, image=tmp_path / "a.png", response=RESPONSE)
+        Sample(id="other id", question=PROMPT, images=(tmp_path / "a.png",), response=RESPONSE)
     )
     for changed in (
-        Sample(id="a", question=PROMPT + "?", image=tmp_path / "a.png", response=RESPONSE),
-        Sample(id="a", question=PROMPT, image=tmp_path / "a.png", response=RESPONSE + "!"),
-        Sample(id="a", question=PROMPT, image=None, response=RESPONSE),
+        Sample(id="a", question=PROMPT + "?", images=(tmp_path / "a.png",), response=RESPONSE),
+        Sample(id="a", question=PROMPT, images=(tmp_path / "a.png",), response=RESPONSE + "!"),
+        Sample(id="a", question=PROMPT, response=RESPONSE),
     ):
         assert sample_digest(changed) != sample_digest(a)
 

@@ -294,7 +294,7 @@ def check_samples(
         InputError: An image for a text-only pair, a text-only item where an image is needed, or an
             image whose size the image processor refuses (e.g. aspect ratio above 200).
     """
-    from lens.fingerprint import sample_images
+    from lens.datasets import sample_images
 
     for sample in samples:
         images = sample_images(sample)
