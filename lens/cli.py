@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from lens.errors import ReplayLensError
 
 #: Subcommand modules under lens.commands; each defines ``register(subparsers)``.
-COMMANDS = ("drift", "eval", "intervene", "replay", "perturb", "plot", "organism", "reproduce")
+COMMANDS = ("drift", "eval", "intervene", "replay", "perturb", "plot", "export", "organism", "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
