@@ -55,8 +55,23 @@ def float_keys(values: np.ndarray) -> np.ndarray:
 
 def key_floats(keys: np.ndarray) -> np.ndarray:
     """Inverse of :func:`float_keys` (``-0.0`` comes back as ``+0.0``)."""
-    keys = np.asarray(keys, dtype=np.uint32)
-    return np.where(keys >= _SIGN, keys ^ _SIGN, ~keys).astype(np.uint32).view(np.float32)
+    keys = np.asarray(keys)
+    bits = np.array(keys, dtype=np.uint32, ndmin=1)  # a copy, turned into the floats' bits in place
+    flip = bits >> 31  # 1 for keys of non-negative values, 0 for negative ones
+    np.subtract(flip, 1, out=flip)  # ... 0 or all ones (wrapping)
+    flip |= _SIGN
+    bits ^= flip
+    return bits.view(np.float32).reshape(keys.shape)
+
+
+def high_floats(packed: np.ndarray) -> np.ndarray:
+    """The ``x`` (float32) of words made by :func:`pack_pairs`."""
+    return key_floats((packed >> _SHIFT).astype(np.uint32))
+
+
+def low_floats(packed: np.ndarray) -> np.ndarray:
+    """The ``y`` (float32) of words made by :func:`pack_pairs`."""
+    return key_floats((packed & _LOW).astype(np.uint32))
 
 
 def pack_pairs(x: np.ndarray, y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -99,37 +114,107 @@ def quantile_edges(order_statistic, n: int, n_buckets: int) -> np.ndarray:
     return edges
 
 
-def _run_ranks(packed: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Walk words sorted by their high half, yielding ``(start, chunk, doubled 1-based average rank)``.
+class PackedBuckets:
+    """Bucket numbers of words made by :func:`pack_pairs`, from quantile edges of their ``x``.
 
-    Equal high halves are ties: each gets ``first + last + 2`` (twice the mean of the 1-based
-    positions ``first + 1 .. last + 1``). The caller may rewrite chunks it has been given: the walk
-    only looks back through carried state and forward into chunks not yet yielded.
+    ``buckets(words)`` equals ``np.searchsorted(edges[1:-1], x.astype(float64), side="right") + 1``
+    (bucket b holds ``edges[b-1] <= x < edges[b]``, ties go up), computed on the words themselves:
+    ``x >= e`` holds exactly when ``key(x) >= key(c)``, with ``c`` the smallest float32 not below
+    the float64 edge ``e``, so each inner edge is one integer comparison and nothing is unpacked.
+    """
+
+    def __init__(self, edges: np.ndarray) -> None:
+        self.edges = np.asarray(edges, dtype=np.float64)
+        inner = self.edges[1:-1]
+        self.dtype = np.int8 if len(self.edges) <= 127 else np.int32
+        self.thresholds: np.ndarray | None = None
+        if not np.isnan(inner).any():  # NaN edges (x had a NaN): numpy's NaN ordering, below
+            with np.errstate(over="ignore"):
+                nearest = inner.astype(np.float32)
+            low = nearest.astype(np.float64) < inner
+            nearest[low] = np.nextafter(nearest[low], np.float32(np.inf))
+            self.thresholds = float_keys(nearest).astype(np.uint64) << _SHIFT
+
+    def __call__(self, words: np.ndarray) -> np.ndarray:
+        if self.thresholds is None:
+            x = high_floats(words).astype(np.float64)
+            return (np.searchsorted(self.edges[1:-1], x, side="right") + 1).astype(self.dtype)
+        buckets = np.ones(words.size, dtype=self.dtype)
+        for threshold in self.thresholds:
+            buckets += words >= threshold
+        return buckets
+
+
+def split_by_bucket(values: np.ndarray, buckets: np.ndarray, n_buckets: int) -> list[np.ndarray]:
+    """``[values[buckets == b] for b in 1..n_buckets]``, each in the original order (one stable sort)."""
+    order = np.argsort(buckets, kind="stable")  # radix sort for 8-bit bucket numbers
+    counts = np.bincount(buckets, minlength=n_buckets + 1)[1 : n_buckets + 1]
+    return np.split(values[order], np.cumsum(counts)[:-1])
+
+
+def float_quantile_edges(values: np.ndarray, n_buckets: int) -> np.ndarray:
+    """``np.quantile(values.astype(float64), linspace(0, 1, n_buckets + 1))`` of a float32 array.
+
+    Bit for bit the same, without the float64 copy: the order statistics come from
+    ``np.partition``, which reorders ``values`` in place (pass a copy to keep the order).
+    """
+    n = values.size
+    if n == 0 or np.isnan(values).any():  # numpy: NaN edges (and a warning for an empty array)
+        return np.full(n_buckets + 1, np.nan)
+    positions = set()
+    for virtual in (n - 1) * np.linspace(0.0, 1.0, n_buckets + 1):
+        below = min(int(math.floor(virtual)), n - 1)
+        positions.update((below, min(below + 1, n - 1)))
+    values.partition(sorted(positions))
+    return quantile_edges(lambda k: float(values[k]), n, n_buckets)
+
+
+def _runs(packed: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """Walk words sorted by their high half, one chunk at a time, ranking the high halves.
+
+    Yields ``(start, chunk, ranks, ties)``: the doubled 1-based average rank of every word of the
+    chunk (``2 (p + 1)`` at position ``p``; a run of equal high halves from ``first`` to ``last``
+    shares ``first + last + 2``), and ``sum(t**3 - t)`` over the lengths ``t`` of the tie runs that
+    start in the chunk. Only ties cost extra work. The caller may rewrite a chunk once it has it: the
+    walk looks back only through carried state and forward only into chunks not yet yielded.
     """
     n = packed.size
     carry_first, carry_key = -1, None
     for start in range(0, n, CHUNK):
         chunk = packed[start : start + CHUNK]
         size = chunk.size
-        high = chunk >> _SHIFT
-        new = np.empty(size, dtype=bool)
-        new[0] = True
-        np.not_equal(high[1:], high[:-1], out=new[1:])
-        starts = np.flatnonzero(new)
-        run = np.cumsum(new, dtype=np.int64) - 1
-        ends = np.empty_like(starts)
-        ends[:-1] = starts[1:] - 1
-        ends[-1] = size - 1
-        first = starts[run] + start
-        last = ends[run] + start
-        if carry_key is not None and high[0] == carry_key:  # a tie run continuing from the last chunk
-            first[: ends[0] + 1] = carry_first
         end = start + size
-        if end < n and (packed[end] >> _SHIFT) == high[-1]:  # ... and one continuing into the next
-            bound = (high[-1] << _SHIFT) | _LOW
-            last[starts[-1] :] = end + int(np.searchsorted(packed[end:], bound, side="right")) - 1
-        carry_first, carry_key = int(first[-1]), high[-1]
-        yield start, chunk, first + last + 2
+        high = chunk >> _SHIFT
+        ranks = np.arange(2 * start + 2, 2 * end + 2, 2, dtype=np.int64)
+        # Tie runs: maximal stretches of equal neighbours, as [first, last] local positions.
+        tied = np.flatnonzero(high[1:] == high[:-1])
+        breaks = np.flatnonzero(np.diff(tied) != 1) + 1
+        firsts = tied[np.concatenate(([0], breaks))] if tied.size else tied
+        lasts = tied[np.concatenate((breaks - 1, [tied.size - 1]))] + 1 if tied.size else tied
+        continued = carry_key is not None and high[0] == carry_key  # a run from the last chunk goes on
+        extends = end < n and (packed[end] >> _SHIFT) == high[-1]  # ... and one goes on into the next
+        if continued and not (firsts.size and firsts[0] == 0):
+            firsts, lasts = np.concatenate(([0], firsts)), np.concatenate(([0], lasts))
+        if extends and not (lasts.size and lasts[-1] == size - 1):
+            firsts, lasts = np.concatenate((firsts, [size - 1])), np.concatenate((lasts, [size - 1]))
+        ties = 0
+        if firsts.size:
+            first, last = firsts + start, lasts + start  # global positions
+            if continued:
+                first[0] = carry_first
+            if extends:
+                bound = (high[-1] << _SHIFT) | _LOW
+                last[-1] = end + int(np.searchsorted(packed[end:], bound, side="right")) - 1
+            lengths = lasts - firsts + 1
+            offsets = np.repeat(firsts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+            ranks[offsets] = np.repeat(first + last + 2, lengths)
+            spans = (last - first + 1)[1:] if continued else last - first + 1
+            big = spans > (1 << 20)  # t**3 of these would overflow int64: Python ints
+            small = spans[~big]
+            ties = int((small**3 - small).sum()) + sum(t**3 - t for t in spans[big].tolist())
+        carry_first = int(first[-1]) if firsts.size and lasts[-1] == size - 1 else end - 1
+        carry_key = high[-1]
+        yield start, chunk, ranks, ties
 
 
 def _exact_dot(u: np.ndarray, v: np.ndarray, bound: int) -> int:
@@ -175,26 +260,27 @@ def rank_summary(packed: np.ndarray, n_buckets: int) -> RankSummary:
     x_keys = (packed[[0, -1]] >> _SHIFT).astype(np.uint32)
     if _has_nan_keys(x_keys):
         return RankSummary(n, np.full(n_buckets + 1, nan), nan, nan)
-    edges = quantile_edges(lambda k: float(key_floats(packed[k] >> _SHIFT)[()]), n, n_buckets)
+    edges = quantile_edges(lambda k: float(high_floats(packed[k : k + 1])[0]), n, n_buckets)
     if n < 2:
         return RankSummary(n, edges, nan, nan)
 
-    centre = n + 1  # doubled ranks average n + 1
-    sum_xx = 0
-    for start, chunk, ranks in _run_ranks(packed):
-        centred = ranks - centre
-        sum_xx += _exact_dot(centred, centred, n - 1)
+    # Doubled average ranks d = 2r average n + 1; with t-fold ties,
+    # sum((d - (n + 1))**2) = (n**3 - n - sum(t**3 - t)) / 3, exactly.
+    centre = n + 1
+    ties_x = 0
+    for start, chunk, ranks, ties in _runs(packed):
+        ties_x += ties
         # Sort next by y, carrying the doubled rank of x in the low half.
         packed[start : start + chunk.size] = ((chunk & _LOW) << _SHIFT) | ranks.astype(np.uint64)
     packed.sort()
     if _has_nan_keys((packed[[0, -1]] >> _SHIFT).astype(np.uint32)):
         return RankSummary(n, edges, nan, nan)
-    sum_yy = sum_xy = 0
-    for _, chunk, ranks in _run_ranks(packed):
-        centred_y = ranks - centre
-        centred_x = (chunk & _LOW).astype(np.int64) - centre
-        sum_yy += _exact_dot(centred_y, centred_y, n - 1)
-        sum_xy += _exact_dot(centred_x, centred_y, n - 1)
+    ties_y = sum_xy = 0
+    for _, chunk, ranks, ties in _runs(packed):
+        ties_y += ties
+        sum_xy += _exact_dot((chunk & _LOW).astype(np.int64) - centre, ranks - centre, n - 1)
+    sum_xx = (n**3 - n - ties_x) // 3
+    sum_yy = (n**3 - n - ties_y) // 3
     if sum_xx == 0 or sum_yy == 0:  # a constant column: ρ undefined, as in scipy
         return RankSummary(n, edges, nan, nan)
     rho = min(1.0, max(-1.0, sum_xy / math.sqrt(sum_xx * sum_yy)))

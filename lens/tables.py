@@ -87,6 +87,7 @@ class SamplePart:
         row_group: Row group of the sample in ``path``.
         table: The rows, when held in memory.
         loader: Builds the rows on demand (e.g. from an older record format).
+        fields: The other fields of the sample's record line (e.g. how its rows are laid out).
     """
 
     sample_id: str
@@ -94,6 +95,7 @@ class SamplePart:
     row_group: int | None = None
     table: pa.Table | None = None
     loader: Callable[[], pa.Table] | None = None
+    fields: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def read(self, columns: Sequence[str] | None = None, files: dict[Path, Any] | None = None) -> pa.Table:
         """The sample's rows (only ``columns``, when given)."""
@@ -233,12 +235,14 @@ def table_from_records(
     for record in records:
         sample_id = str(record["sample_id"])
         pointer = record.get(PAYLOAD)
+        fields = {k: v for k, v in record.items() if k not in ("sample_id", PAYLOAD)}
         if pointer is not None:
+            row_group = int(pointer["row_group"])
             parts.append(
-                SamplePart(sample_id, path=base / pointer["file"], row_group=int(pointer["row_group"]))
+                SamplePart(sample_id, path=base / pointer["file"], row_group=row_group, fields=fields)
             )
         elif fallback is not None:
-            parts.append(SamplePart(sample_id, loader=lambda r=record: fallback(r)))
+            parts.append(SamplePart(sample_id, loader=lambda r=record: fallback(r), fields=fields))
         else:
             raise DatasetError(f"the record of sample {sample_id!r} holds no table")
     return ColumnarTable(tuple(parts), schema)

@@ -10,16 +10,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import reference_drift as ref
+from scipy import stats as sps
 
 from analyses.kl_drift import (
     DRIFT_SCHEMA,
     DriftRecord,
+    assign_buckets,
     bucket_table,
     correlation_table,
     drift_statistics,
     legacy_table,
     open_drift_table,
 )
+from lens import colstats
 from lens.errors import DatasetError
 from lens.records import RecordWriter, iter_records
 from lens.tables import ColumnarTable, SamplePart, ShardWriter, shard_folder, table_from_records
@@ -92,6 +95,76 @@ def _no_check():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on constant groups (ρ is NaN in both)
         yield
+
+
+# -- exact statistics on packed float32 columns ---------------------------------------------------------
+
+
+def _scipy_spearman(x, y):
+    with _no_check():
+        return sps.spearmanr(x, y)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 18])
+def test_rank_summary_equals_numpy_and_scipy(monkeypatch, chunk):
+    """Edges bit for bit, ρ to 1e-12, whatever the tie runs and however they cross chunk borders."""
+    monkeypatch.setattr(colstats, "CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    cases = [
+        (np.zeros(5), np.arange(5)),
+        (np.arange(4), np.arange(4)[::-1]),
+        (np.repeat(np.arange(5), 9), None),
+    ]
+    for n in (1, 2, 3, 10, 57):
+        for scale in (None, 2.0, 0.5):
+            x = rng.normal(size=n)
+            cases.append((x if scale is None else np.round(x * scale), np.round(x + rng.normal(size=n))))
+    cases.append(
+        (np.array([0.0, -0.0, 1.0, np.inf, -np.inf, 0.0]), np.array([-0.0, 0.0, 2.0, 2.0, 1.0, 3.0]))
+    )
+    cases += [(np.array([0.0, np.nan, 1.0]), np.arange(3.0)), (np.arange(3.0), np.array([0.0, -np.nan, 1.0]))]
+    for x, y in cases:
+        x = np.asarray(x, dtype=np.float32)
+        y = rng.normal(size=x.size).astype(np.float32) if y is None else np.asarray(y, dtype=np.float32)
+        for n_buckets in (1, 3, 5):
+            summary = colstats.rank_summary(colstats.pack_pairs(x, y), n_buckets)
+            with np.errstate(invalid="ignore"), _no_check():
+                expected = np.quantile(x.astype(np.float64), np.linspace(0, 1, n_buckets + 1))
+            np.testing.assert_array_equal(summary.edges, expected)
+            np.testing.assert_array_equal(colstats.float_quantile_edges(x.copy(), n_buckets), expected)
+            rho, p = _scipy_spearman(x, y)
+            np.testing.assert_allclose(summary.spearman_rho, rho, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(summary.p_value, p, rtol=1e-9, atol=1e-300)
+
+
+def test_packed_buckets_equal_searchsorted():
+    rng = np.random.default_rng(3)
+    for trial in range(100):
+        n = int(rng.integers(1, 200))
+        x = (np.round(rng.normal(size=n) * rng.choice([1, 4, 1000])) / 4).astype(np.float32)
+        n_buckets = int(rng.integers(1, 8))
+        edges = np.quantile(x.astype(np.float64), np.linspace(0, 1, n_buckets + 1))
+        if trial % 3 == 0:  # edges that are not float32 values, and beyond float32's range
+            edges = np.sort(np.concatenate([[-1e300], rng.normal(size=n_buckets - 1), [1e300]]))
+        words = colstats.pack_pairs(x, rng.normal(size=n).astype(np.float32))
+        expected = assign_buckets(x.astype(np.float64), edges)
+        np.testing.assert_array_equal(colstats.PackedBuckets(edges)(words), expected)
+        kl = rng.random(n).astype(np.float32)
+        pieces = colstats.split_by_bucket(kl, expected.astype(np.int8), n_buckets)
+        for b, piece in enumerate(pieces, start=1):
+            np.testing.assert_array_equal(piece, kl[expected == b])
+    x = np.array([1.0, np.nan, 2.0], dtype=np.float32)  # NaN edges: numpy's order (NaN last)
+    edges = np.full(3, np.nan)
+    np.testing.assert_array_equal(
+        colstats.PackedBuckets(edges)(colstats.pack_pairs(x, x)), assign_buckets(x.astype(np.float64), edges)
+    )
+
+
+def test_float_keys_order_and_round_trip():
+    values = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-45, 2.0, np.inf], dtype=np.float32)
+    keys = colstats.float_keys(values)
+    assert (np.diff(keys.astype(np.int64)) >= 0).all() and keys[3] == keys[4]  # -0.0 ties +0.0
+    np.testing.assert_array_equal(colstats.key_floats(keys), values + np.float32(0))
 
 
 # -- equality with the frozen in-memory computation -------------------------------------------------
@@ -371,3 +444,22 @@ def test_lens_plot_reads_parquet_and_run_folders(run_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_lens_drift_csv_flag_on_the_organism(tmp_path, capsys):
+    from lens.cli import main
+
+    out = tmp_path / "drift"
+    assert main(["drift", "--items", "2", "--out", str(out), "--buckets", "3", "--threads", "1"]) == 0
+    assert not (out / "drift_table.csv").exists()  # Parquet shards only, by default
+    assert len(list((out / "records").glob("part-*.parquet"))) == 1
+    assert (
+        main(["drift", "--items", "2", "--out", str(out), "--buckets", "3", "--threads", "1", "--csv"]) == 0
+    )
+    assert "drift_table.csv" in capsys.readouterr().out
+    csv = pd.read_csv(out / "drift_table.csv")
+    pd.testing.assert_frame_equal(
+        csv,
+        open_drift_table(out).to_pandas().astype({"sample_id": str, "role": str, "token_group": str}),
+        check_dtype=False,
+    )

@@ -111,7 +111,7 @@ def _read_parquet(path: Path, sample_id: str | None, first_sample: bool) -> Any:
             handle = pq.ParquetFile(path)
             if "sample_id" in handle.schema_arrow.names and handle.metadata.num_rows:
                 if sample_id is None:  # rows are grouped by sample: the first row names the first
-                    sample_id = str(handle.read_row_group(0, columns=["sample_id"])["sample_id"][0])
+                    sample_id = str(handle.read_row_group(0, columns=["sample_id"])["sample_id"][0].as_py())
                 table = pq.read_table(path, filters=[("sample_id", "==", str(sample_id))])
                 if not table.num_rows:
                     raise DatasetError(f"sample {sample_id!r} is not in {path}")
