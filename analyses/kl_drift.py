@@ -1,28 +1,56 @@
 """KL drift by base entropy: how far RLVR moved each (layer, token) readout, against how sure the base was.
 
 Pipeline: per sample, the logit lens of both models gives base entropy, RLVR entropy and
-KL(P_base ‖ P_rlvr) per (layer, position); records are written per sample (resumable); then the
-tidy table is bucketed by base-entropy quantile, per layer and pooled, visual and text tokens apart.
+KL(P_base ‖ P_rlvr) per (layer, position). Each sample's rows go to a Parquet shard of the tidy
+table (compact types, see :data:`DRIFT_SCHEMA`), committed by its line in ``records.jsonl``
+(:mod:`lens.tables`), so a run resumes after an interruption. Then the table is bucketed by
+base-entropy quantile, per layer and pooled, visual and text tokens apart, and Spearman ρ is taken,
+without ever building the whole table in memory (:func:`drift_statistics`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
+import pyarrow as pa
 
+from analyses.drift_stats import (  # noqa: F401  (public API of the drift analysis)
+    TEXT,
+    VISUAL,
+    assign_buckets,
+    bucket_table,
+    correlation_table,
+    drift_statistics,
+    quantile_edges,
+)
 from lens.datasets import check_images, sample_images
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.fingerprint import pair_fingerprint, sample_digests
+from lens.inputs import ROLES
 from lens.logit_lens import LensConfig, pair_lens
-from lens.records import RecordWriter, pack_array, unpack_array, write_tables
+from lens.records import RecordWriter, iter_records, unpack_array, write_tables
+from lens.tables import PAYLOAD, ColumnarTable, SamplePart, ShardWriter, table_from_records
 
-VISUAL, TEXT = "visual", "text"
+_TOKEN_GROUPS = (TEXT, VISUAL)
+
+#: The tidy drift table: one row per (sample, layer, position).
+DRIFT_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.dictionary(pa.int32(), pa.string())),
+        ("layer", pa.int16()),
+        ("position", pa.int32()),
+        ("role", pa.dictionary(pa.int8(), pa.string())),
+        ("base_entropy", pa.float32()),
+        ("rlvr_entropy", pa.float32()),
+        ("kl_base_rlvr", pa.float32()),
+        ("token_group", pa.dictionary(pa.int8(), pa.string())),
+    ]
+)
 
 
 class SampleLike(Protocol):
@@ -53,8 +81,62 @@ class DriftConfig:
             raise ConfigError(f"n_buckets must be >= 1, got {self.n_buckets}")
 
 
-def drift_record(pair: Any, sample: SampleLike, config: DriftConfig) -> dict[str, Any]:
-    """Lens statistics of one sample, packed for a record file."""
+# -- one sample's rows --------------------------------------------------------------------------------
+
+
+def _dictionary(codes: np.ndarray, names: Sequence[str], index_type: pa.DataType) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(
+        pa.array(codes, type=index_type), pa.array(list(names), pa.string())
+    )
+
+
+@dataclass(frozen=True)
+class DriftRecord:
+    """Lens statistics of one sample: float32 ``[layers, tokens]`` arrays and the role of every token."""
+
+    sample_id: str
+    layers: tuple[int, ...]
+    roles: tuple[str, ...]
+    base_entropy: np.ndarray
+    rlvr_entropy: np.ndarray
+    kl_base_rlvr: np.ndarray
+
+    def fields(self) -> dict[str, Any]:
+        """The small fields of the sample's log line (its rows go to a shard): the layers, the
+        token count and the ``[start, stop)`` runs of visual positions, enough to take the rows
+        apart without reading the role columns."""
+        visual = np.concatenate(([False], np.asarray(self.roles) == VISUAL, [False]))
+        edges = np.flatnonzero(visual[1:] != visual[:-1]).tolist()
+        return {
+            "layers": list(self.layers),
+            "n_tokens": len(self.roles),
+            "visual": [edges[i : i + 2] for i in range(0, len(edges), 2)],
+        }
+
+    def to_arrow(self) -> pa.Table:
+        """Tidy rows, layer-major then position, in :data:`DRIFT_SCHEMA`."""
+        n_layers, n_tokens = self.base_entropy.shape
+        n = n_layers * n_tokens
+        role_names = list(ROLES) + sorted(set(self.roles) - set(ROLES))
+        role_index = {r: i for i, r in enumerate(role_names)}
+        role_codes = np.array([role_index[r] for r in self.roles], dtype=np.int8)
+        group_codes = (role_codes == role_index[VISUAL]).astype(np.int8)  # index into _TOKEN_GROUPS
+        columns = [
+            _dictionary(np.zeros(n, dtype=np.int32), [self.sample_id], pa.int32()),
+            pa.array(np.repeat(np.asarray(self.layers, dtype=np.int16), n_tokens)),
+            pa.array(np.tile(np.arange(n_tokens, dtype=np.int32), n_layers)),
+            _dictionary(np.tile(role_codes, n_layers), role_names, pa.int8()),
+            *(pa.array(np.asarray(a, dtype=np.float32).reshape(-1)) for a in self._values()),
+            _dictionary(np.tile(group_codes, n_layers), _TOKEN_GROUPS, pa.int8()),
+        ]
+        return pa.Table.from_arrays(columns, schema=DRIFT_SCHEMA)
+
+    def _values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.base_entropy, self.rlvr_entropy, self.kl_base_rlvr
+
+
+def drift_record(pair: Any, sample: SampleLike, config: DriftConfig) -> DriftRecord:
+    """Lens statistics of one sample."""
     inputs = pair.encode(
         sample.question, sample_images(sample), response=sample.response if config.teacher_force else None
     )
@@ -65,131 +147,86 @@ def drift_record(pair: Any, sample: SampleLike, config: DriftConfig) -> dict[str
         inputs,
         LensConfig(layers=config.layers, token_chunk=config.token_chunk),
     )
-    return {
-        "layers": list(result.layers),
-        "roles": list(result.roles),
-        "base_entropy": pack_array(result.base_entropy.numpy()),
-        "rlvr_entropy": pack_array(result.rlvr_entropy.numpy()),
-        "kl_base_rlvr": pack_array(result.kl_base_rlvr.numpy()),
-    }
-
-
-def record_frame(record: dict[str, Any]) -> pd.DataFrame:
-    """Tidy rows of one record: one row per (layer, position)."""
-    base_entropy = unpack_array(record["base_entropy"])
-    n_layers, n_tokens = base_entropy.shape
-    roles = np.asarray(record["roles"])
-    return pd.DataFrame(
-        {
-            "sample_id": record["sample_id"],
-            "layer": np.repeat(np.asarray(record["layers"]), n_tokens),
-            "position": np.tile(np.arange(n_tokens), n_layers),
-            "role": np.tile(roles, n_layers),
-            "base_entropy": base_entropy.reshape(-1),
-            "rlvr_entropy": unpack_array(record["rlvr_entropy"]).reshape(-1),
-            "kl_base_rlvr": unpack_array(record["kl_base_rlvr"]).reshape(-1),
-        }
+    return DriftRecord(
+        str(sample.id),
+        tuple(int(x) for x in result.layers),
+        tuple(result.roles),
+        result.base_entropy.numpy(),
+        result.rlvr_entropy.numpy(),
+        result.kl_base_rlvr.numpy(),
     )
 
 
-def drift_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """The tidy table, one row per (sample, layer, position), from records."""
-    frames = [record_frame(r) for r in records]
-    if not frames:
-        raise DatasetError("no drift records to tabulate")
-    table = pd.concat(frames, ignore_index=True)
-    table["token_group"] = np.where(table["role"] == VISUAL, VISUAL, TEXT)
-    return table
+def legacy_table(record: dict[str, Any]) -> pa.Table:
+    """Rows of a record line written before the Parquet shards (arrays base64-packed in the line)."""
+    return DriftRecord(
+        str(record["sample_id"]),
+        tuple(record["layers"]),
+        tuple(record["roles"]),
+        unpack_array(record["base_entropy"]),
+        unpack_array(record["rlvr_entropy"]),
+        unpack_array(record["kl_base_rlvr"]),
+    ).to_arrow()
 
 
-def quantile_edges(values: np.ndarray, n_buckets: int) -> np.ndarray:
-    """``n_buckets + 1`` quantile edges of ``values`` (first = min, last = max)."""
-    return np.quantile(values, np.linspace(0.0, 1.0, n_buckets + 1))
+def open_drift_table(run_dir: str | Path) -> ColumnarTable:
+    """The tidy table of every sample recorded in a ``lens drift`` output folder (in record order).
 
-
-def assign_buckets(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bucket index 1..n of each value: bucket b holds ``edges[b-1] <= v < edges[b]`` (last one closed)."""
-    return np.searchsorted(edges[1:-1], values, side="right") + 1
-
-
-def _summarise(frame: pd.DataFrame, n_buckets: int, keys: dict[str, Any]) -> list[dict[str, Any]]:
-    entropy = frame["base_entropy"].to_numpy(dtype=np.float64)
-    kl = frame["kl_base_rlvr"].to_numpy(dtype=np.float64)
-    edges = quantile_edges(entropy, n_buckets)
-    bucket = assign_buckets(entropy, edges)
-    rows = []
-    for b in range(1, n_buckets + 1):
-        sel = kl[bucket == b]
-        n = int(sel.size)
-        mean = float(sel.mean()) if n else float("nan")
-        sem = float(sel.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-        rows.append(
-            {
-                **keys,
-                "bucket": b,
-                "entropy_lo": float(edges[b - 1]),
-                "entropy_hi": float(edges[b]),
-                "n": n,
-                "mean_kl": mean,
-                "median_kl": float(np.median(sel)) if n else float("nan"),
-                "sem_kl": sem,
-                "ci_low": mean - 1.96 * sem if n > 1 else mean,
-                "ci_high": mean + 1.96 * sem if n > 1 else mean,
-            }
-        )
-    return rows
-
-
-def bucket_table(table: pd.DataFrame, n_buckets: int = 5) -> pd.DataFrame:
-    """Mean KL per base-entropy quantile bucket, pooled over layers and per layer, per token group.
-
-    Edges are quantiles of the base entropy within each (scope, layer, token group), so each
-    bucket holds about the same number of readouts. Ties at an edge go to the upper bucket.
-
-    Returns:
-        One row per (scope, layer, token_group, bucket) with edges, count, mean/median KL and a
-        normal-approximation 95% CI of the mean. ``layer`` is ``-1`` for pooled rows.
+    Raises:
+        DatasetError: The folder has no drift records.
     """
-    if n_buckets < 1:
-        raise ConfigError(f"n_buckets must be >= 1, got {n_buckets}")
-    rows: list[dict[str, Any]] = []
-    for group, sub in table.groupby("token_group", sort=True):
-        rows += _summarise(sub, n_buckets, {"scope": "pooled", "layer": -1, "token_group": group})
-        for layer, layer_rows in sub.groupby("layer", sort=True):
-            rows += _summarise(
-                layer_rows, n_buckets, {"scope": "layer", "layer": int(layer), "token_group": group}
-            )
-    return pd.DataFrame(rows)
+    log = Path(run_dir) / "records.jsonl"
+    if not log.is_file():
+        raise DatasetError(f"{run_dir} has no records.jsonl: not a `lens drift` output folder")
+    records = list(iter_records(log))
+    if not records or not all(PAYLOAD in r or "base_entropy" in r for r in records):
+        raise DatasetError(f"{log} holds no drift records")
+    return table_from_records(records, log.parent, DRIFT_SCHEMA, legacy_table)
 
 
-def correlation_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Spearman ρ between base entropy and KL, pooled and per layer, per token group."""
-    rows = []
-    for group, sub in table.groupby("token_group", sort=True):
-        scopes = [("pooled", -1, sub)] + [("layer", int(k), v) for k, v in sub.groupby("layer", sort=True)]
-        for scope, layer, frame in scopes:
-            rho, p = sps.spearmanr(frame["base_entropy"], frame["kl_base_rlvr"])
-            rows.append(
-                {
-                    "scope": scope,
-                    "layer": layer,
-                    "token_group": group,
-                    "n": len(frame),
-                    "spearman_rho": rho,
-                    "p_value": p,
-                }
-            )
-    return pd.DataFrame(rows)
+# -- a run ----------------------------------------------------------------------------------------------
+
+
+def tabulate_drift(
+    tidy: ColumnarTable, n_buckets: int, out_dir: str | Path | None = None, csv: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Buckets and Spearman of the tidy table; with ``out_dir``, write them (and the CSV table) there.
+
+    Everything :func:`run_drift` does after the records but the figure.
+    """
+    buckets, correlations = drift_statistics(tidy, n_buckets)
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_tables(out, {"drift_buckets": buckets, "drift_spearman": correlations})
+        if csv:
+            tidy.write_csv(out / "drift_table.csv")
+    return buckets, correlations
 
 
 @dataclass(frozen=True)
 class DriftResult:
-    """Outputs of a drift run."""
+    """Outputs of a drift run.
 
-    table: pd.DataFrame
+    Attributes:
+        buckets: See :func:`bucket_table`.
+        correlations: See :func:`correlation_table`.
+        tidy: The tidy table, kept in its Parquet shards (or in memory without ``out_dir``).
+        out_dir: Where the outputs were written.
+    """
+
     buckets: pd.DataFrame
     correlations: pd.DataFrame
+    tidy: ColumnarTable
     out_dir: Path | None = None
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The whole tidy table as a DataFrame: one row per (sample, layer, position).
+
+        Loaded on each access; at paper scale (36 M rows for 1,000 7B items) prefer
+        ``tidy.select([sample_id]).to_pandas()`` or ``lens export``.
+        """
+        return self.tidy.to_pandas()
 
 
 def run_drift(
@@ -200,21 +237,24 @@ def run_drift(
     resume: bool = True,
     progress: bool = False,
     title: str | None = None,
+    csv: bool = False,
 ) -> DriftResult:
     """Run the drift analysis over a dataset.
 
     Args:
         pair: A :class:`lens.ModelPair`.
         samples: Dataset items (``id``, ``question``, ``image``, optional ``response``).
-        out_dir: Where to write ``records.jsonl``, ``drift_table.csv``, ``drift_buckets.csv``,
-            ``drift_spearman.csv`` and ``kl_by_entropy.{png,pdf}``. ``None`` keeps everything in memory.
+        out_dir: Where to write ``records.jsonl`` with the tidy table's Parquet shards in
+            ``records/``, ``drift_buckets.csv``, ``drift_spearman.csv`` and
+            ``kl_by_entropy.{png,pdf}``. ``None`` keeps everything in memory.
         config: Buckets, layers, chunking.
         resume: Keep records already in ``out_dir`` and skip their samples.
         progress: Show a progress bar.
         title: Figure title.
+        csv: Also write the tidy table as ``drift_table.csv`` (large: ~55 bytes per row).
 
     Returns:
-        The tidy table, the bucket table and the Spearman table.
+        The bucket table, the Spearman table and the tidy table.
     """
     if not samples:
         raise DatasetError("the dataset has no samples")
@@ -228,7 +268,9 @@ def run_drift(
             raise InputError(f"{pair.adapter.name} takes no images, but sample {with_images[0]!r} has one")
 
     if out_dir is None:
-        records = [{"sample_id": s.id, **drift_record(pair, s, config)} for s in samples]
+        records = (drift_record(pair, s, config) for s in samples)
+        parts = tuple(SamplePart(r.sample_id, table=r.to_arrow(), fields=r.fields()) for r in records)
+        tidy = ColumnarTable(parts, DRIFT_SCHEMA)
     else:
         out = Path(out_dir)
         settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
@@ -237,22 +279,21 @@ def run_drift(
             out / "records.jsonl", resume, settings, pair_fingerprint(pair), sample_digests(samples)
         )
         todo = [s for s in samples if s.id not in writer]
-        for sample in tqdm(
-            todo,
-            desc="drift",
-            unit="sample",
-            disable=not progress,
-            initial=len(samples) - len(todo),
-            total=len(samples),
-        ):
-            writer.write(sample.id, drift_record(pair, sample, config))
-        records = writer.read(s.id for s in samples)
-    table = drift_table(records)
-    buckets = bucket_table(table, config.n_buckets)
-    correlations = correlation_table(table)
+        with ShardWriter(writer, DRIFT_SCHEMA) as shards:
+            for sample in tqdm(
+                todo,
+                desc="drift",
+                unit="sample",
+                disable=not progress,
+                initial=len(samples) - len(todo),
+                total=len(samples),
+            ):
+                record = drift_record(pair, sample, config)
+                shards.add(sample.id, record.to_arrow(), record.fields())
+        tidy = table_from_records(writer.read(s.id for s in samples), out, DRIFT_SCHEMA, legacy_table)
+    buckets, correlations = tabulate_drift(tidy, config.n_buckets, out_dir, csv=csv)
     if out_dir is not None:
         out = Path(out_dir)
-        write_tables(out, {"drift_table": table, "drift_buckets": buckets, "drift_spearman": correlations})
         from lens.plot.drift import plot_kl_by_entropy
         from lens.plot.style import save_figure
 
@@ -261,7 +302,7 @@ def run_drift(
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-    return DriftResult(table, buckets, correlations, None if out_dir is None else Path(out_dir))
+    return DriftResult(buckets, correlations, tidy, None if out_dir is None else Path(out_dir))
 
 
 def summary_table(result: DriftResult) -> pd.DataFrame:

@@ -107,7 +107,7 @@ def run_reproduce(
 
     from analyses import evaluate as ev
     from analyses.intervention import InterventionRunConfig, run_interventions, wide_table
-    from analyses.kl_drift import DriftConfig, bucket_table, run_drift
+    from analyses.kl_drift import DriftConfig, run_drift
     from analyses.perturbation import PerturbConfig, run_perturbation
     from analyses.replay import ReplayGrid, run_replay_grid
     from lens import organism
@@ -139,7 +139,7 @@ def run_reproduce(
             progress=progress,
             title=f"base → {twin}",
         )
-        frames.append(bucket_table(result.table).assign(comparison=f"base → {twin}"))
+        frames.append(result.buckets.assign(comparison=f"base → {twin}"))
         pooled_rho = result.correlations[result.correlations["scope"] == "pooled"]
         rho_frames.append(pooled_rho.assign(comparison=f"base → {twin}"))
     buckets = pd.concat(frames, ignore_index=True)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from lens.errors import ReplayLensError
 
 #: Subcommand modules under lens.commands; each defines ``register(subparsers)``.
-COMMANDS = ("drift", "eval", "intervene", "replay", "perturb", "plot", "organism", "reproduce")
+COMMANDS = ("drift", "eval", "intervene", "replay", "perturb", "plot", "export", "organism", "reproduce")
 
 _OS_ERRORS = {
     errno.ENOSPC: "no space left on device",

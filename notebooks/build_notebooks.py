@@ -119,7 +119,7 @@ NOTEBOOKS["01_kl_by_entropy"] = {
             "code",
             """
             import lens
-            from analyses.kl_drift import DriftConfig, bucket_table, run_drift
+            from analyses.kl_drift import DriftConfig, run_drift
             from lens import organism
             from lens.plot.drift import plot_kl_by_entropy
             from lens.plot.heatmaps import merged_grid, plot_layer_token_heatmaps, plot_visual_grid
@@ -164,7 +164,7 @@ NOTEBOOKS["01_kl_by_entropy"] = {
                 twin_pair = pair if twin == "rlvr" else lens.load_pair("organism", twin)
                 result = run_drift(twin_pair, samples, RUN / twin, DriftConfig(), resume=False)
                 results[twin] = result
-                frames.append(bucket_table(result.table).assign(comparison=f"base → {twin}"))
+                frames.append(result.buckets.assign(comparison=f"base → {twin}"))
             buckets = pd.concat(frames, ignore_index=True)
 
             pooled = buckets[buckets["scope"] == "pooled"].pivot_table(
@@ -200,7 +200,8 @@ NOTEBOOKS["01_kl_by_entropy"] = {
         (
             "code",
             """
-            table = results["rlvr"].table
+            # The tidy table stays in its Parquet shards; load only this sample's rows.
+            table = results["rlvr"].tidy.select([sample.id]).to_pandas()
             fig = plot_layer_token_heatmaps(table, sample_id=sample.id, title=f"{sample.id}: {sample.question}")
             save(fig, "01_layer_token_heatmaps")
             """,

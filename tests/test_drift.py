@@ -87,7 +87,8 @@ def reference(vl_pair, make_dataset):
 
 def test_run_drift_outputs(vl_pair, reference, tmp_path):
     samples, ref = reference
-    result = run_drift(vl_pair, samples, tmp_path / "out", DriftConfig(n_buckets=3))
+    result = run_drift(vl_pair, samples, tmp_path / "out", DriftConfig(n_buckets=3), csv=True)
+    assert len(list((tmp_path / "out" / "records").glob("part-*.parquet"))) == 1  # one shard for 4 samples
     for name in (
         "records.jsonl",
         "drift_table.csv",
@@ -110,6 +111,10 @@ def test_run_drift_outputs(vl_pair, reference, tmp_path):
     assert pooled.groupby("token_group")["n"].sum().to_dict() == table["token_group"].value_counts().to_dict()
     csv = pd.read_csv(tmp_path / "out" / "drift_buckets.csv")
     assert len(csv) == len(result.buckets)
+    # The CSV export holds the same rows as the Parquet shards.
+    exported = pd.read_csv(tmp_path / "out" / "drift_table.csv")
+    assert len(exported) == len(table) and list(exported.columns) == list(table.columns)
+    np.testing.assert_array_equal(exported["kl_base_rlvr"].to_numpy(np.float32), table["kl_base_rlvr"])
 
 
 def _counting(monkeypatch, fail_at=None, before=None):

@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--buckets", type=int, default=5, help="base-entropy quantile buckets (default 5)")
     parser.add_argument("--layers", default=None, help="layers, e.g. 0-15 (default: all)")
     parser.add_argument("--no-resume", action="store_true", help="discard records already in --out")
+    parser.add_argument(
+        "--csv",
+        action="store_true",
+        help="also write the tidy table as drift_table.csv (large; `lens export` can do it later)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         pair = load_pair_from_args(args)
         title = f"{pair.names[0]} → {pair.names[1]}"
         result = run_drift(
-            pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title
+            pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title, csv=args.csv
         )
     out = Path(args.out)
     print(f"\nKL(P_base || P_rlvr) by base-entropy bucket (1 = lowest), {len(samples)} samples, {title}:")
@@ -83,5 +88,8 @@ def run(args: argparse.Namespace) -> int:
     rho = result.correlations[result.correlations["scope"] == "pooled"]
     for _, row in rho.iterrows():
         print(f"Spearman rho(base entropy, KL), {row['token_group']} tokens: {row['spearman_rho']:+.3f}")
-    print(f"\nwrote {out / 'kl_by_entropy.png'} (+.pdf), drift_buckets.csv, drift_table.csv, records.jsonl")
+    tables = "drift_buckets.csv, drift_spearman.csv" + (", drift_table.csv" if args.csv else "")
+    print(
+        f"\nwrote {out / 'kl_by_entropy.png'} (+.pdf), {tables}, records.jsonl + records/ (tidy table, Parquet)"
+    )
     return 0

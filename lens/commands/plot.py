@@ -10,11 +10,15 @@ from typing import Any
 
 from lens.errors import ConfigError, DatasetError
 
+#: What the heatmaps read: the tidy drift table, from its run folder or an exported file.
+TIDY = "the output folder of `lens drift`, or its drift_table.parquet/.csv (`lens export`)"
+#: Kinds that draw one sample of the tidy drift table.
+TIDY_KINDS = ("heatmap", "heatmap-grid")
 #: kind -> (module, function, what RESULTS is). Functions take the loaded table (plus options).
 KINDS: dict[str, tuple[str, str, str]] = {
     "kl-by-entropy": ("lens.plot.drift", "plot_kl_by_entropy", "drift_buckets.csv of `lens drift`"),
-    "heatmap": ("lens.plot.heatmaps", "plot_layer_token_heatmaps", "drift_table.csv of `lens drift`"),
-    "heatmap-grid": ("lens.plot.heatmaps", "plot_visual_grid", "drift_table.csv of `lens drift`"),
+    "heatmap": ("lens.plot.heatmaps", "plot_layer_token_heatmaps", TIDY),
+    "heatmap-grid": ("lens.plot.heatmaps", "plot_visual_grid", TIDY),
     "perturbation": ("lens.plot.perturbation", "plot_perturbation", "perturb_table.csv of `lens perturb`"),
     "replay-loss": ("lens.plot.training", "plot_replay_loss", "a CSV with sample_id, step, loss[, setting]"),
     "ablation": ("lens.plot.interventions", "plot_ablation_heatmap", "the interventions' ablation CSV"),
@@ -25,12 +29,14 @@ KINDS: dict[str, tuple[str, str, str]] = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plot",
-        help="draw a paper figure from a saved result CSV",
+        help="draw a paper figure from a saved result file",
         description="Redraw a figure (vector PDF + PNG) from a result file written by an analysis.",
         epilog="kinds: " + "; ".join(f"{k}: {v[2]}" for k, v in KINDS.items()),
     )
     parser.add_argument("kind", metavar="KIND", help=f"one of: {', '.join(KINDS)}")
-    parser.add_argument("results", metavar="RESULTS", help="the result CSV")
+    parser.add_argument(
+        "results", metavar="RESULTS", help="the result file (.csv or .parquet), or run folder"
+    )
     parser.add_argument("--out", required=True, help="output file; .pdf and .png are both written")
     parser.add_argument("--title", default=None, help="figure title")
     parser.add_argument("--sample", default=None, help="heatmap kinds: sample id (default: the first)")
@@ -57,20 +63,62 @@ def resolve(kind: str) -> Callable[..., Any]:
     return getattr(module, function)
 
 
-def read_results(path: str | Path) -> Any:
-    """Read a result CSV, turning every failure into :class:`DatasetError`."""
+def read_results(path: str | Path, sample_id: str | None = None, tidy: bool = False) -> Any:
+    """Read a result table (CSV or Parquet), turning every failure into :class:`DatasetError`.
+
+    Args:
+        path: A ``.csv`` or ``.parquet`` file; for the tidy drift table (``tidy``) also the output
+            folder of ``lens drift``, read through its record log.
+        sample_id: With ``tidy``, read only this sample's rows (default: the first sample's), so a
+            heatmap of a 36-million-row run loads one sample.
+        tidy: ``path`` holds the tidy drift table.
+    """
     import pandas as pd
 
     path = Path(path)
+    if path.is_dir():
+        if not tidy:
+            raise DatasetError(f"{path} is a folder; pass the result file")
+        from analyses.kl_drift import open_drift_table
+
+        table = open_drift_table(path)
+        sample_id = table.sample_ids[0] if sample_id is None else str(sample_id)
+        selected = table.select([sample_id])
+        if not len(selected):
+            raise DatasetError(f"sample {sample_id!r} is not in the drift table")
+        return selected.to_pandas()
     if not path.is_file():
         raise DatasetError(f"results file not found: {path}")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {path} as CSV: {str(exc).splitlines()[0]}") from exc
+    if path.suffix.lower() == ".parquet":
+        table = _read_parquet(path, sample_id if tidy else None, first_sample=tidy)
+    else:
+        try:
+            table = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"cannot read {path} as CSV: {str(exc).splitlines()[0]}") from exc
     if not len(table):
         raise DatasetError(f"results file has no rows: {path}")
     return table
+
+
+def _read_parquet(path: Path, sample_id: str | None, first_sample: bool) -> Any:
+    """A Parquet table; with ``first_sample``, only one sample's rows (``sample_id``, else the first)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if first_sample:
+            handle = pq.ParquetFile(path)
+            if "sample_id" in handle.schema_arrow.names and handle.metadata.num_rows:
+                if sample_id is None:  # rows are grouped by sample: the first row names the first
+                    sample_id = str(handle.read_row_group(0, columns=["sample_id"])["sample_id"][0].as_py())
+                table = pq.read_table(path, filters=[("sample_id", "==", str(sample_id))])
+                if not table.num_rows:
+                    raise DatasetError(f"sample {sample_id!r} is not in {path}")
+                return table.to_pandas()
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"cannot read {path} as Parquet: {str(exc).splitlines()[0]}") from exc
 
 
 def _parse_grid(text: str | None) -> tuple[int, int] | None:
@@ -90,9 +138,10 @@ def run(args: argparse.Namespace) -> int:
     from lens.plot.style import save_figure
 
     plot = resolve(args.kind)
-    table = read_results(args.results)
+    tidy = args.kind in TIDY_KINDS
+    table = read_results(args.results, args.sample if tidy else None, tidy=tidy)
     kwargs: dict[str, Any] = {"title": args.title}
-    if args.kind in ("heatmap", "heatmap-grid"):
+    if tidy:
         table["sample_id"] = table["sample_id"].astype(str)
         kwargs["sample_id"] = args.sample
     if args.kind == "heatmap-grid":
