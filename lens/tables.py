@@ -295,6 +295,7 @@ class ShardWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             self.flush()
+            self.tidy()  # shards of lines the first new record replaced (--no-resume, superseded samples)
         except Exception:
             if exc_type is None:
                 raise
@@ -337,6 +338,15 @@ class ShardWriter:
             pointer = {"file": relative, "row_group": row_group, "rows": item.table.num_rows}
             self.log.write(item.sample_id, {**item.fields, PAYLOAD: pointer})
 
+    @staticmethod
+    def _pointers(records: Any) -> dict[str, set[int]]:
+        groups: dict[str, set[int]] = {}
+        for record in records:
+            pointer = record.get(PAYLOAD)
+            if pointer is not None:
+                groups.setdefault(pointer["file"], set()).add(int(pointer["row_group"]))
+        return groups
+
     def tidy(self) -> None:
         """Remove rows no committed line points at: temporary files, orphan shards, uncommitted tails.
 
@@ -346,13 +356,14 @@ class ShardWriter:
         Raises:
             DatasetError: A committed line points at a shard that is missing.
         """
-        committed: dict[str, set[int]] = {}
-        for record in iter_records(self.log.path):
-            pointer = record.get(PAYLOAD)
-            if pointer is not None:
-                committed.setdefault(pointer["file"], set()).add(int(pointer["row_group"]))
+        # Lines this run keeps (on --no-resume, none; superseded samples' lines are dropped) must find
+        # their shards; but a shard that any line of the file still points at stays until the file
+        # is replaced by the first new record, so an early failure of a --no-resume run destroys
+        # nothing (the next tidy, e.g. when this writer closes, removes what became orphan).
+        current = self._pointers(iter(self.log))
+        committed = self._pointers(iter_records(self.log.path))
         base = self.log.path.parent
-        missing = sorted(name for name in committed if not (base / name).is_file())
+        missing = sorted(name for name in current if not (base / name).is_file())
         if missing:
             raise DatasetError(
                 f"{self.log.path} points at {missing[0]}, which is missing; rerun with --no-resume"

@@ -232,9 +232,8 @@ def test_dataframe_rows_in_any_order(tmp_path):
 
 
 def test_run_drift_equals_the_reference_on_real_lens_outputs(vl_pair, make_dataset, tmp_path):
-    from lens.data import load_jsonl
-
     from analyses.kl_drift import DriftConfig, run_drift
+    from lens.datasets import load_jsonl
 
     samples = load_jsonl(make_dataset(3))
     result = run_drift(vl_pair, samples, tmp_path / "out", DriftConfig(n_buckets=4))
@@ -345,10 +344,18 @@ def test_missing_shard_and_no_resume(tmp_path):
         ShardWriter(RecordWriter(tmp_path / "records.jsonl"), DRIFT_SCHEMA)
     with pytest.raises(DatasetError, match="missing"):
         open_drift_table(tmp_path).to_pandas()
-    # Starting afresh removes the old records and shards.
-    write_run(tmp_path / "fresh", records)
-    ShardWriter(RecordWriter(tmp_path / "fresh" / "records.jsonl", resume=False), DRIFT_SCHEMA)
-    assert list((tmp_path / "fresh" / "records").glob("*")) == []
+    # Starting afresh (--no-resume) does not mind the missing shard ...
+    ShardWriter(RecordWriter(tmp_path / "records.jsonl", resume=False), DRIFT_SCHEMA)
+    # ... and removes the old records and shards only once a new record replaces them.
+    fresh = tmp_path / "fresh"
+    write_run(fresh, records)
+    old = sorted((fresh / "records").glob("*"))
+    ShardWriter(RecordWriter(fresh / "records.jsonl", resume=False), DRIFT_SCHEMA).__exit__(None, None, None)
+    assert sorted((fresh / "records").glob("*")) == old  # nothing new written: the old run stays whole
+    with ShardWriter(RecordWriter(fresh / "records.jsonl", resume=False), DRIFT_SCHEMA) as shards:
+        shards.add(records[0].sample_id, records[0].to_arrow(), records[0].fields())
+    new = sorted((fresh / "records").glob("*"))
+    assert len(new) == 1 and new[0] not in old
 
 
 def test_old_record_lines_resume_with_new_shards(tmp_path):
