@@ -57,10 +57,9 @@ def test_batched_equals_item_by_item(pair, samples, name):
         assert torch.allclose(together.first_logits, single.first_logits, atol=1e-4, rtol=0)
         assert together == single
     # A batch of one is the old single-sample path: the edit applied to the unpadded prefill.
-    for state, single in zip(states, alone, strict=True):
-        intervention._state = state
-        with intervention.applied(pair) as model, torch.no_grad():
-            logits = model(**state.inputs.model_inputs).logits[0, -1]
+    for x, single in zip(samples, alone, strict=True):
+        with intervention.prepare(pair, x).applied(pair) as model, torch.no_grad():
+            logits = model(**x.model_inputs).logits[0, -1]
         assert torch.allclose(logits.float(), single.first_logits[0], atol=1e-5, rtol=0)
 
 
