@@ -12,11 +12,17 @@ The mask rule (``mask_rule``) is shared by injection and replay: ``"tau_max"`` (
 τ·max rule, the default) or ``"quantile"`` (rank-based: the lowest-entropy fraction q of the visual
 tokens per layer; use it where the base entropies are near-uniform, e.g. on the organism).
 
-Per item and strategy: one greedy decode and ``n`` samples at temperature 1.0 (top-k/top-p off,
-vision special ids suppressed), scored with a verifier. The sampling seed depends on the item only,
-so strategies see the same random numbers (paired comparisons are less noisy). One record per
-(setting, item) goes to ``records.jsonl`` through :class:`lens.records.RecordWriter`, keyed
-``"<setting>/<item id>"``, so an interrupted run resumes where it stopped.
+Per item and strategy: one greedy decode and ``n`` sampled ones, scored with a verifier. Decoding
+settings come from the pair (:func:`lens.decoding.decoding_for`: the budget is the checkpoint's, 4
+on the organism, else 2048; sampling uses the checkpoint's temperature/top-p/top-k, else pure
+temperature-1 sampling; every end token of the checkpoint; vision special ids suppressed; greedy is
+exactly greedy) unless the config overrides them; the effective settings are stored beside the
+records. Greedy decodes of ``batch_size`` items run as one left-padded batch, each row with its own
+edit; the ``n`` samples of an item are one batched call with a seed that depends on the item only,
+so strategies see the same random numbers (paired comparisons are less noisy) whatever the batch
+size. One record per (setting, item) goes to ``records.jsonl`` through
+:class:`lens.records.RecordWriter`, keyed ``"<setting>/<item id>"``, so an interrupted run resumes
+where it stopped.
 
 Scoring: the organism's items use :func:`lens.organism.verify` (``answer N``). Other datasets use
 :func:`numeric_match`: an exact match after trimming and lower-casing, or else the *last* number
@@ -28,17 +34,19 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from lens.decoding import DEFAULT_MAX_NEW_TOKENS, DecodingConfig, decoding_for
 from lens.errors import ConfigError, DatasetError
 from lens.fingerprint import pair_fingerprint, sample_digests
-from lens.interventions import ActivationReplay, Baseline, HardInjection, Intervention
+from lens.interventions import ActivationReplay, Baseline, HardInjection, Intervention, Prepared
 from lens.masks import EntropyMask
 from lens.metrics import bootstrap_ci, paired_bootstrap_ci, pass_at_k_array
 from lens.records import RecordWriter, write_tables
@@ -94,9 +102,14 @@ class InterventionRunConfig:
         variant: Replay variant (``"released"`` or ``"paper"``).
         n: Samples per item for pass@k (0: greedy only).
         ks: pass@k budgets (each ≤ ``n``).
-        max_new_tokens: Decode budget.
+        max_new_tokens: Decode budget (``None``: the pair's, 4 on the organism, else 2048).
         seed: Base sampling seed (item ``i`` uses ``seed + i``).
         n_boot: Bootstrap resamples for the CIs.
+        temperature: Sampling temperature (``None``: the checkpoint's, else 1.0).
+        top_p: Sampling top-p (``None``: the checkpoint's, else off).
+        top_k: Sampling top-k (``None``: the checkpoint's, else off).
+        stop_strings: Strings that end a decode (``None``: the checkpoint's, else none).
+        batch_size: Items per greedy ``generate`` call (results do not depend on it).
     """
 
     strategies: tuple[str, ...] = STRATEGIES
@@ -110,11 +123,18 @@ class InterventionRunConfig:
     variant: str = "released"
     n: int = 8
     ks: tuple[int, ...] = (1, 2, 4, 8)
-    max_new_tokens: int = 4
+    max_new_tokens: int | None = None
     seed: int = 0
     n_boot: int = 2000
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_strings: tuple[str, ...] | None = None
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.stop_strings is not None:
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad or not self.strategies:
             raise ConfigError(f"unknown strategies {bad}; known: {', '.join(STRATEGIES)}")
@@ -123,8 +143,16 @@ class InterventionRunConfig:
         wrong = [k for k in self.ks if not 1 <= k <= max(self.n, 0)]
         if self.n and wrong:
             raise ConfigError(f"k values {wrong} are outside [1, n={self.n}]")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise ConfigError(f"batch size must be an integer >= 1, got {self.batch_size}")
+        # The decoding values alone, checked before any model loads (the pair fills the rest).
+        DecodingConfig(
+            max_new_tokens=DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k is None else self.top_k,
+            stop_strings=self.stop_strings or (),
+        )
         if self.mask_rule not in MASK_CHOICES:
             raise ConfigError(f"mask rule must be one of {', '.join(MASK_CHOICES)}; got {self.mask_rule!r}")
         _ = self.mask  # validates tau and quantile
@@ -133,6 +161,17 @@ class InterventionRunConfig:
     def mask(self) -> EntropyMask:
         """The injection/replay selection rule."""
         return EntropyMask(rule=self.mask_rule, tau=self.tau, quantile=self.quantile)
+
+    def decoding(self, pair: Any) -> DecodingConfig:
+        """The effective decoding settings on ``pair`` (this config's values where set)."""
+        return decoding_for(
+            pair,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop_strings=self.stop_strings,
+        )
 
 
 def make_intervention(strategy: str, config: InterventionRunConfig, n_layers: int) -> Intervention:
@@ -166,6 +205,26 @@ def _images(sample: Any) -> tuple[Any, ...]:
     return sample_images(sample)
 
 
+@dataclass
+class PreparedItem:
+    """One item after :meth:`Intervention.prepare`: its state, the warnings raised and the time taken."""
+
+    state: Prepared
+    warnings: list[str] = field(default_factory=list)
+    prepare_s: float = 0.0
+
+
+def prepare_item(pair: Any, sample: Any, intervention: Intervention) -> PreparedItem:
+    """Encode one item and prepare the intervention on it, recording its warnings."""
+    inputs = pair.encode(sample.question, _images(sample))
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = intervention.prepare(pair, inputs).state
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    return PreparedItem(state, messages, time.perf_counter() - start)
+
+
 def run_item(
     pair: Any,
     sample: Any,
@@ -173,52 +232,69 @@ def run_item(
     config: InterventionRunConfig,
     verify: Verifier,
     seed: int,
+    decoding: DecodingConfig | None = None,
+    prepared: PreparedItem | None = None,
+    greedy: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Prepare, decode greedily and ``n`` times sampled, and score one item."""
-    import warnings
+    """Prepare, decode greedily and ``n`` times sampled, and score one item.
 
-    inputs = pair.encode(sample.question, _images(sample))
+    Args:
+        pair: The model pair.
+        sample: The item.
+        intervention: The strategy.
+        config: The run settings.
+        verify: The answer checker.
+        seed: The item's sampling seed.
+        decoding: The effective decoding settings (default: ``config.decoding(pair)``).
+        prepared: The item already prepared (by :func:`prepare_item`), or ``None`` to prepare it here.
+        greedy: The item's greedy text and its share of the decode time, when decoded in a batch.
+    """
+    decoding = decoding or config.decoding(pair)
+    prepared = prepared or prepare_item(pair, sample, intervention)
+    state = prepared.state
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        intervention.prepare(pair, inputs)
-    prepared = time.perf_counter()
-    greedy = intervention.generate(pair, inputs, max_new_tokens=config.max_new_tokens).texts[0]
+    if greedy is None:
+        text = intervention.generate_batch(pair, [state], decoding)[0].texts[0]
+        greedy = (text, time.perf_counter() - start)
+        start = time.perf_counter()
     sampled: tuple[str, ...] = ()
     if config.n:
-        sampled = intervention.generate(
-            pair,
-            inputs,
-            n=config.n,
-            do_sample=True,
-            temperature=1.0,
-            max_new_tokens=config.max_new_tokens,
-            seed=seed,
-        ).texts
+        draws = intervention.generate_batch(pair, [state], decoding, n=config.n, do_sample=True, seed=seed)
+        sampled = draws[0].texts
+    response, greedy_s = greedy
     record: dict[str, Any] = {
         "item": str(sample.id),
         "qtype": getattr(sample, "qtype", None),
         "answer": None if sample.answer is None else str(sample.answer),
-        "greedy": int(verify(greedy, sample.answer)),
+        "greedy": int(verify(response, sample.answer)),
         "correct": int(sum(verify(t, sample.answer) for t in sampled)),
         "n": len(sampled),
-        "response": greedy,
-        "prepare_s": prepared - start,
-        "decode_s": time.perf_counter() - prepared,
-        "warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
+        "response": response,
+        "prepare_s": prepared.prepare_s,
+        "decode_s": greedy_s + time.perf_counter() - start,
+        "warnings": prepared.warnings,
     }
-    result = getattr(intervention, "result", None)
-    if result is not None:
+    detail = state.detail
+    if detail is not None and hasattr(detail, "losses"):  # a ReplayResult
         record.update(
-            losses=list(result.losses),
-            final_loss=result.final_loss,
-            n_selected={str(k): v for k, v in result.n_selected.items()},
-            offset_norm=float(result.offsets.norm()),
+            losses=list(detail.losses),
+            final_loss=detail.final_loss,
+            n_selected={str(k): v for k, v in detail.n_selected.items()},
+            offset_norm=float(detail.offsets.norm()),
         )
-    plan = getattr(intervention, "plan", None)
-    if plan is not None:
-        record["n_selected"] = {str(k): v for k, v in plan.n_selected.items()}
+    elif detail is not None and hasattr(detail, "n_selected"):  # an InjectionPlan
+        record["n_selected"] = {str(k): v for k, v in detail.n_selected.items()}
     return record
+
+
+def decode_greedy(
+    pair: Any, intervention: Intervention, items: Sequence[PreparedItem], decoding: DecodingConfig
+) -> list[tuple[str, float]]:
+    """One batched greedy decode of prepared items: each item's text and its share of the time."""
+    start = time.perf_counter()
+    generations = intervention.generate_batch(pair, [item.state for item in items], decoding)
+    share = (time.perf_counter() - start) / len(items)
+    return [(g.texts[0], share) for g in generations]
 
 
 @dataclass(frozen=True)
@@ -249,9 +325,18 @@ def run_settings(
     from tqdm.auto import tqdm
 
     verify = verify or default_verifier(samples)
-    # Settings that change what a record holds; strategies, ks and n_boot do not (they select or summarise).
-    settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
-    for key in ("strategies", "ks", "n_boot"):
+    decoding = config.decoding(pair)
+    if config.n and decoding.near_greedy_sampling:
+        warnings.warn(
+            f"sampling with temperature={decoding.temperature:g}, top_p={decoding.top_p:g}, "
+            f"top_k={decoding.top_k} (from the checkpoint's generation_config unless given) is nearly "
+            "greedy, so pass@k will barely differ from greedy; set temperature/top_p/top_k to override",
+            stacklevel=2,
+        )
+    # Settings that change what a record holds; strategies, ks, n_boot and batch_size do not (they
+    # select, summarise or group the work). The effective decoding settings do.
+    settings = {"pair": list(getattr(pair, "names", ())), **asdict(config), "decoding": decoding.to_dict()}
+    for key in ("strategies", "ks", "n_boot", "batch_size"):
         settings.pop(key)
     writer = None
     if out_dir is not None:
@@ -266,18 +351,30 @@ def run_settings(
     bar = tqdm(total=total, desc="intervene", unit="run", disable=not progress)
     for strategy, intervention in interventions:
         setting = intervention.setting()
+        pending = []
         for index, sample in enumerate(samples):
             key = f"{setting}/{sample.id}"
             wanted.add(key)
-            bar.update(1)
             if writer is not None and key in writer:
-                continue
-            record = {"strategy": strategy, "setting": setting}
-            record.update(run_item(pair, sample, intervention, config, verify, config.seed + index))
-            if writer is not None:
-                writer.write(key, record)
+                bar.update(1)
             else:
-                memory.append({"sample_id": key, **record})
+                pending.append((index, sample, key))
+        for start in range(0, len(pending), config.batch_size):
+            chunk = pending[start : start + config.batch_size]
+            prepared = [prepare_item(pair, sample, intervention) for _, sample, _ in chunk]
+            greedy = decode_greedy(pair, intervention, prepared, decoding)
+            for (index, sample, key), item, text in zip(chunk, prepared, greedy, strict=True):
+                record = {"strategy": strategy, "setting": setting, "greedy_batch": len(chunk)}
+                record.update(
+                    run_item(
+                        pair, sample, intervention, config, verify, config.seed + index, decoding, item, text
+                    )
+                )
+                if writer is not None:
+                    writer.write(key, record)
+                else:
+                    memory.append({"sample_id": key, **record})
+                bar.update(1)
     bar.close()
     records = memory if writer is None else writer.read(wanted)
     return per_item_table(records)

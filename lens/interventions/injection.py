@@ -24,16 +24,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from lens.errors import ConfigError, InputError
 from lens.inputs import PairInputs
 from lens.interventions.base import (
     Intervention,
+    PrefillEdit,
     capture_block_residuals,
     check_layers,
-    edit_input,
-    edit_output,
     require_visual,
 )
 from lens.logit_lens import lens_entropy, lens_of
@@ -211,28 +209,16 @@ class HardInjection(Intervention):
         rows = [lens_entropy(lens, states[("out", L)][idx], self.config.token_chunk) for L in layers]
         return torch.stack(rows).cpu()
 
-    def _install(self, pair: Any, model: nn.Module) -> list[RemovableHandle]:
+    def _edits(self, pair: Any) -> list[PrefillEdit]:
         plan = self.plan
         assert plan is not None
-        layers = pair.adapter.layers(model)
-        register = edit_input if self.config.depth == "released" else edit_output
-        handles = []
-        for layer, pos in plan.positions.items():
-            handles.append(register(layers[layer], _overwrite(pos, plan.values[layer], plan.n_tokens)))
-        return handles
+        site = "input" if self.config.depth == "released" else "output"
+        return [
+            PrefillEdit(layer, site, pos, plan.values[layer], "set") for layer, pos in plan.positions.items()
+        ]
 
-
-def _overwrite(positions: torch.Tensor, values: torch.Tensor, n_tokens: int):
-    def fn(hidden: torch.Tensor) -> torch.Tensor | None:
-        if hidden.shape[1] == 1:
-            return None  # a decode step: untouched (it sees the edit through the KV cache)
-        if hidden.shape[1] != n_tokens:
-            raise InputError(f"prefill of {hidden.shape[1]} tokens, but the edit was prepared for {n_tokens}")
-        hidden = hidden.clone()
-        hidden[:, positions] = values.to(hidden.dtype)
-        return hidden
-
-    return fn
+    def _detail(self) -> InjectionPlan | None:
+        return self.plan
 
 
 def _span(layers: tuple[int, ...]) -> str:

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from lens.errors import ConfigError, InputError
@@ -55,6 +54,7 @@ from lens.inputs import PairInputs
 from lens.interventions.base import (
     PIXEL_KEYS,
     Intervention,
+    PrefillEdit,
     _StopForward,
     capture_block_residuals,
     check_layers,
@@ -379,21 +379,13 @@ class ActivationReplay(Intervention):
         meta = {"setting": self.setting(), "final_loss": repr(result.final_loss)}
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
-    def _install(self, pair: Any, model: nn.Module) -> list[RemovableHandle]:
+    def _edits(self, pair: Any) -> list[PrefillEdit]:
         result, visual = self.result, self._visual
         assert result is not None and visual is not None
         if not torch.any(result.offsets):
             return []  # zero offsets: decoding is plain generate
-        n_tokens = self._inputs.n_tokens if self._inputs is not None else -1
-        offsets = result.offsets
+        # Δ is added to the input of block 0 (the embeddings) at the visual tokens, in the prefill only.
+        return [PrefillEdit(0, "input", visual, result.offsets, "add")]
 
-        def add(hidden: torch.Tensor) -> torch.Tensor | None:
-            if hidden.shape[1] == 1:
-                return None  # decode step: sees Δ only through the KV cache, as released
-            if hidden.shape[1] != n_tokens:
-                raise InputError(f"prefill of {hidden.shape[1]} tokens, but Δ was learned for {n_tokens}")
-            hidden = hidden.clone()
-            hidden[:, visual] = hidden[:, visual] + offsets.to(hidden.dtype)
-            return hidden
-
-        return [edit_input(pair.adapter.layers(model)[0], add)]
+    def _detail(self) -> ReplayResult | None:
+        return self.result

@@ -181,6 +181,8 @@ def build_model(tok, cfg: TinyConfig = TinyConfig(), seed: int = 0):
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.bos_token_id = ids["<|im_start|>"]
+    # "answer N" and the end token fit in 4; lens.decoding reads this as the organism's decode budget.
+    model.generation_config.max_new_tokens = 4
     return model.eval()
 
 
