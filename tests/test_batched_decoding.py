@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from intervention_fixtures import PROMPT, image, same_weights, tiny_pair, weights
-from lens.data import Sample
+from lens.datasets import Sample
 
 import lens
 from analyses.intervention import InterventionRunConfig, make_intervention, run_settings
@@ -191,7 +191,7 @@ def test_runner_results_do_not_depend_on_the_batch_size(pair, tmp_path):
         path = folder / f"{i}.png"
         image(seed=i, side=side).save(path)
         items.append(
-            Sample(id=f"s{i}", question="how many red shapes ?" + " really" * i, image=path, answer="2")
+            Sample(id=f"s{i}", question="how many red shapes ?" + " really" * i, images=(path,), answer="2")
         )
     base = InterventionRunConfig(
         strategies=("rlvr", "hard-low", "replay"),
@@ -214,7 +214,7 @@ def test_runner_results_do_not_depend_on_the_batch_size(pair, tmp_path):
     columns = ["setting", "item", "response", "greedy", "correct", "n"]
     assert one[columns].equals(three[columns])
     assert set(three["greedy_batch"]) == {3, 1} and set(one["greedy_batch"]) == {1}
-    settings = json.loads((tmp_path / "b3" / "records.settings.json").read_text())
+    settings = json.loads((tmp_path / "b3" / "records.settings.json").read_text())["settings"]
     assert settings["decoding"]["max_new_tokens"] == 3 and settings["decoding"]["repetition_penalty"] == 1.0
     assert "batch_size" not in settings
     # Resuming with another batch size is allowed and does no work.
