@@ -187,3 +187,39 @@ def test_zero_offsets_carry_is_the_plain_bf16_forward(pairs, inputs):
                 handle.remove()
     assert stream.current is not None and stream.current.dtype == torch.float32  # it did carry
     assert torch.equal(carried, plain)
+
+
+def test_per_row_positions_match_the_shared_positions(pairs, inputs):
+    """The ``(rows, cols)`` form (for batched decoding) does what the shared-positions form does."""
+    pair16, _ = pairs
+    model, vis = pair16.rlvr, inputs.visual_positions
+    hidden = pair16.adapter.hidden_size(pair16.config)
+    offsets = torch.randn(vis.numel(), hidden, generator=torch.Generator().manual_seed(0)) * 1e-3
+    mi = inputs.model_inputs
+    batch = {
+        "input_ids": mi["input_ids"].repeat(2, 1),
+        "attention_mask": mi["attention_mask"].repeat(2, 1),
+        "pixel_values": mi["pixel_values"].repeat(2, 1),
+        "image_grid_thw": mi["image_grid_thw"].repeat(2, 1),
+    }
+    rows = torch.arange(2).repeat_interleave(vis.numel())
+    streams = {
+        "shared": replay_mod.VisualResidual(vis, offsets, inputs.n_tokens, last=2),
+        "per_row": replay_mod.VisualResidual(
+            (rows, vis.repeat(2)), offsets.repeat(2, 1), inputs.n_tokens, last=2
+        ),
+    }
+    logits = {}
+    for name, stream in streams.items():
+        handles = stream.install(pair16.adapter.layers(model))
+        try:
+            with torch.no_grad():
+                logits[name] = model(**batch, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert torch.equal(logits["shared"], logits["per_row"])
+    assert torch.equal(streams["shared"].current.flatten(0, 1), streams["per_row"].current)
+    with torch.no_grad():
+        plain = model(**batch, use_cache=False).logits
+    assert not torch.equal(logits["shared"], plain)  # the offsets did reach the forward
