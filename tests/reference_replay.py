@@ -5,6 +5,13 @@ Every iteration runs the full RLVR forward (vision tower, all layers, full-seque
 ``vlmevalkit/vlmeval/vlm/replay_qwen2_vl.py`` does. Differences from the release, all shared with
 the fast implementation: float32 lens/KL/Δ (no bf16 quirks B2/B7), the raw output of the last block
 (no B3), frozen weights.
+
+Precision rule (``residual="float32"``, the default): in a model narrower than float32 (bf16, fp16) the
+residual stream at the visual positions is carried in float32 from the input of block 0 through the
+deepest replay layer: r_0 = e + Δ, r_{l+1} = r_l + (out_l − in_l) with in_l = bf16(r_l) what block l
+read and out_l what it returned; the block's output at those positions is replaced by bf16(r_{l+1}),
+and the lens reads r. In float32 models, or with ``residual="model"``, Δ is cast to the model dtype
+and added to the input of block 0, nothing else.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ def reference_replay(
     normalize=True,
     rule="tau_max",
     quantile=0.3,
+    residual="float32",
 ):
     """Returns ``(offsets, losses)`` with ``losses[t]`` the loss at Δ_t before update t.
 
@@ -40,7 +48,10 @@ def reference_replay(
     vmask[inputs.visual_positions] = True
     vmask = vmask.to(pair.device)
     n_vis = int(vmask.sum())
+    layer_index = {block: i for i, block in enumerate(adapter.layers(rlvr))}
     n_layers = adapter.n_layers(rlvr)
+    dtype = next(rlvr.parameters()).dtype
+    carry = residual == "float32" and torch.finfo(dtype).bits < 32
 
     def raw_outputs(model, extra_hooks=()):
         """Full forward; raw block outputs (hidden_states[L + 1] without the final norm on the last)."""
@@ -74,17 +85,39 @@ def reference_replay(
     for _ in range(steps):
         delta.requires_grad_(True)
         captured = {}
+        stream = {}  # depth d -> float32 residual at the visual positions (input of block d), when carried
+        block_in = {}
 
-        def add_delta(module, args, kwargs, delta=delta, captured=captured):
+        def add_delta(module, args, kwargs, delta=delta, captured=captured, stream=stream):
             h = args[0] if args else kwargs["hidden_states"]
             h = h.clone()
-            h[:, vmask] = h[:, vmask] + delta.to(h.dtype)
+            if carry:
+                stream[0] = h[:, vmask].float() + delta
+                h[:, vmask] = stream[0].to(h.dtype)
+            else:
+                h[:, vmask] = h[:, vmask] + delta.to(h.dtype)
             captured[0] = h
             return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
-        hook = adapter.layers(rlvr)[0].register_forward_pre_hook(add_delta, with_kwargs=True)
+        def read_input(module, args, kwargs, block_in=block_in):
+            block_in[module] = args[0] if args else kwargs["hidden_states"]
+
+        def carry_output(module, args, output, stream=stream, block_in=block_in):
+            out = output[0] if isinstance(output, tuple) else output
+            depth = layer_index[module]
+            stream[depth + 1] = stream[depth] + (out[:, vmask].float() - block_in[module][:, vmask].float())
+            out = out.clone()
+            out[:, vmask] = stream[depth + 1].to(out.dtype)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        hooks = [adapter.layers(rlvr)[0].register_forward_pre_hook(add_delta, with_kwargs=True)]
+        if carry:
+            for i in range(max(layers) + 1):
+                block = adapter.layers(rlvr)[i]
+                hooks.append(block.register_forward_pre_hook(read_input, with_kwargs=True))
+                hooks.append(block.register_forward_hook(carry_output))
         with torch.enable_grad():
-            result, rlvr_out = raw_outputs(rlvr, [hook])
+            result, rlvr_out = raw_outputs(rlvr, hooks)
             hs = result.hidden_states
             loss = torch.zeros((), dtype=torch.float32, device=pair.device)
             for L in layers:
@@ -97,12 +130,14 @@ def reference_replay(
                 mask = low if select == "low" else (~low & vmask)
                 if not mask.any():
                     continue
-                if variant == "released":
-                    r = captured[0][0] if L == 0 else hs[L][0]
+                if carry:  # the lens reads the float32 residual, at the visual positions only
+                    r_vis = stream[L if variant == "released" else L + 1][0][mask[vmask]]
+                elif variant == "released":
+                    r_vis = (captured[0][0] if L == 0 else hs[L][0])[mask]
                 else:
-                    r = rlvr_out[L][0]
+                    r_vis = rlvr_out[L][0][mask]
                 b_logits = base_lens.logits(base_state[L][mask])
-                r_logits = rlvr_lens.logits(r[mask])
+                r_logits = rlvr_lens.logits(r_vis)
                 idx = b_logits.topk(topk, dim=-1).indices
                 p = torch.softmax(b_logits.gather(-1, idx), -1)
                 log_q = torch.log_softmax(r_logits.gather(-1, idx), -1)

@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 from intervention_fixtures import PROMPT, image, same_weights, tiny_pair, weights
-from lens.datasets import Sample
 
 import lens
 from analyses.intervention import InterventionRunConfig, make_intervention, run_settings
 from lens import organism
 from lens.batching import collate
+from lens.datasets import Sample
 from lens.decoding import decoding_for
 from lens.errors import ConfigError, InputError
 from lens.interventions import ActivationReplay, Baseline, HardInjection, hook_count

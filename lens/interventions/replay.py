@@ -26,11 +26,26 @@ On small models whose early-layer lens entropies are near-uniform (the organism:
 against ln V = 5.6) the τ·max rule selects nothing; the quantile rule always selects about a
 fraction q. Everything else (loss, depths, update) is unchanged.
 
-Precision: the lens (final norm + unembedding), the KL and Δ are float32 whatever the model dtype;
-Δ is cast to the model dtype where it is added. The released code does all of this in bf16 (a
-manual bf16 RMSNorm for the loss, "B2", and a bf16 SGD update, "B7"): those are quantisation
-artefacts, not part of the method, and they make tiny updates vanish once |Δ| grows, so we do not
-replicate them.
+Precision: the lens (final norm + unembedding), the KL and Δ are float32 whatever the model dtype.
+The released code does all of this in bf16 (a manual bf16 RMSNorm for the loss, "B2", and a bf16
+SGD update, "B7"): those are quantisation artefacts, not part of the method, so we do not replicate
+them. In a bf16 (or fp16) model, adding the float32 Δ to the bf16 embeddings is not enough either:
+``bf16(e + Δ) == e`` wherever |Δ| is below half an ulp of the embedding, and with α = 10, a 7B-wide
+pair and ~1,200 visual tokens every update is, so the loss stays flat (issue 8). Hence the
+*float32 residual carry* (``residual="float32"``, the default; :class:`VisualResidual`): at the
+visual positions the residual stream r is kept in float32 from the input of block 0 through the
+last replay layer. Δ enters it exactly, ``r_0 = float(e) + Δ``; every block still runs in the model
+dtype on the rounded stream, and only its contribution is added back,
+``r_{l+1} = r_l + (float(block(bf16(r_l))) − float(bf16(r_l)))``; the lens reads r. The gradient is
+the model's own (the casts are identities in the backward pass), and the decoding prefill installs
+the same hooks, so the model decodes from exactly the forward that was optimised. In float32 (and
+float64) models the carry is off and nothing changes. ``residual="model"`` restores the old rule
+(Δ cast to the model dtype at the input of block 0), to measure the difference. Alternatives
+considered: running the replay layers in float32 (exact, but a float32 copy of up to 16 blocks,
+~17 GB at 7B, and it optimises a different model than the one that decodes), ``torch.autocast``
+over float32 inputs (the residual adds become float32, but what else is upcast depends on the
+device's autocast op lists and on each family's layer code), and adding Δ after block 0 (moves the
+method's injection point and is rounded away again at block 1's output).
 
 Speed (same numbers, less work): the base side runs once and keeps only the top-k ids and
 log-probabilities at the selected positions; the RLVR side runs the vision tower once (``inputs_embeds``),
@@ -47,14 +62,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from lens.batching import Batch
 from lens.errors import ConfigError, InputError
 from lens.inputs import PairInputs
 from lens.interventions.base import (
     PIXEL_KEYS,
     Intervention,
     PrefillEdit,
+    Prepared,
     _StopForward,
     capture_block_residuals,
     check_layers,
@@ -86,6 +104,10 @@ class ReplayConfig:
         token_chunk: Positions per full-vocabulary projection on the base side.
         rule: Mask rule, ``"tau_max"`` (released) or ``"quantile"`` (see the module docstring).
         quantile: q of the ``quantile`` rule, in (0, 1).
+        residual: Precision of the residual stream at the visual positions through the replay
+            layers in a bf16/fp16 model: ``"float32"`` (the float32 carry, see the module docstring)
+            or ``"model"`` (Δ cast to the model dtype at the input of block 0; updates below half an
+            ulp vanish). Float32 models give the same numbers either way.
     """
 
     tau: float = 0.4
@@ -99,6 +121,7 @@ class ReplayConfig:
     token_chunk: int = 256
     rule: str = "tau_max"
     quantile: float = 0.3
+    residual: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
@@ -119,6 +142,8 @@ class ReplayConfig:
             raise ConfigError(f"select must be 'low' or 'high', got {self.select!r}")
         if self.token_chunk < 1:
             raise ConfigError(f"token_chunk must be >= 1, got {self.token_chunk}")
+        if self.residual not in ("float32", "model"):
+            raise ConfigError(f"residual must be 'float32' or 'model', got {self.residual!r}")
 
     @property
     def mask(self) -> EntropyMask:
@@ -158,6 +183,8 @@ class ReplayResult:
         n_selected: Selected visual tokens per layer.
         n_visual: Number of visual tokens.
         skipped_steps: Steps skipped because the loss was exactly zero.
+        loss_changed: Whether any loss after the first (``final_loss`` included) differs from
+            ``losses[0]``; False means the updates never reached the forward (a warning says so).
     """
 
     offsets: torch.Tensor
@@ -166,6 +193,7 @@ class ReplayResult:
     n_selected: dict[int, int]
     n_visual: int
     skipped_steps: int
+    loss_changed: bool
 
 
 def base_targets(pair: Any, inputs: PairInputs, config: ReplayConfig) -> ReplayTargets:
@@ -208,6 +236,90 @@ def kl_topk(base_logp: torch.Tensor, rlvr_logits: torch.Tensor) -> torch.Tensor:
     return (base_logp.exp() * (base_logp - rlvr_logq)).sum() / base_logp.shape[0]
 
 
+def narrower_than_float32(dtype: torch.dtype) -> bool:
+    """Whether a floating dtype has less precision than float32 (bf16, fp16)."""
+    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
+
+
+class VisualResidual:
+    """Offsets Δ added at the input of block 0, and the residual stream at their positions through block ``last``.
+
+    :meth:`install` registers a pre-hook on block 0 and a forward hook on each block 0..``last``.
+    They act on forwards of ``n_tokens`` positions (the prefill) and let one-token decode steps
+    through (those see Δ only through the KV cache, as released). With ``float32_carry`` and a
+    bf16/fp16 model, the residual at the indexed positions is carried in float32 (see the module
+    docstring): ``r_0 = float(e) + Δ``, ``r_{l+1} = r_l + (float(out_l) − float(bf16(r_l)))``, each
+    block reading ``bf16(r_l)``. Otherwise Δ is cast to the model dtype and added, and block outputs
+    are left alone. :attr:`current` is the residual at the indexed positions where the forward has
+    got to (the input of block 0 with Δ, then each block's output), for hooks registered after these.
+
+    The replay objective and the decoding prefill both use this, so they run the same forward.
+
+    Args:
+        positions: Sequence positions of the offsets, the same in every batch row; or a
+            ``(rows, cols)`` pair of index tensors (per-row positions, for batched decoding).
+        offsets: ``[n, hidden]`` float32 Δ, one row per indexed position.
+        n_tokens: Sequence length of the forward the offsets belong to (the prefill).
+        last: The last block the carry runs through (the deepest replay layer).
+        float32_carry: Carry the residual in float32 when the model dtype is narrower.
+    """
+
+    def __init__(
+        self,
+        positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        offsets: torch.Tensor,
+        n_tokens: int,
+        last: int,
+        float32_carry: bool = True,
+    ) -> None:
+        self.key = (slice(None), positions) if isinstance(positions, torch.Tensor) else tuple(positions)
+        self.offsets, self.n_tokens, self.last = offsets, int(n_tokens), int(last)
+        self.float32_carry = float32_carry
+        self.current: torch.Tensor | None = None
+        self._carrying = False
+
+    def install(self, blocks: Sequence[nn.Module]) -> list[RemovableHandle]:
+        """Register the hooks on the decoder ``blocks``; return their handles (the caller removes them)."""
+        handles: list[RemovableHandle] = []
+        try:
+            handles.append(edit_input(blocks[0], self._enter))
+            handles.extend(edit_output(blocks[i], self._leave) for i in range(self.last + 1))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def _enter(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if hidden.shape[1] == 1:
+            self.current = None  # decode step: sees Δ only through the KV cache, as released
+            return None
+        if hidden.shape[1] != self.n_tokens:
+            raise InputError(f"prefill of {hidden.shape[1]} tokens, but Δ was learned for {self.n_tokens}")
+        self._carrying = self.float32_carry and narrower_than_float32(hidden.dtype)
+        edited = hidden.clone()
+        if self._carrying:
+            self.current = hidden[self.key].float() + self.offsets
+            edited[self.key] = self.current.to(hidden.dtype)
+        else:
+            edited[self.key] = hidden[self.key] + self.offsets.to(hidden.dtype)
+            self.current = edited[self.key]
+        return edited
+
+    def _leave(self, output: torch.Tensor) -> torch.Tensor | None:
+        if self.current is None:
+            return None
+        if not self._carrying:
+            self.current = output[self.key]
+            return None
+        # The block read bf16(r) at these positions; keep its contribution, not its rounded sum.
+        read = self.current.to(output.dtype)
+        self.current = self.current + (output[self.key].float() - read.float())
+        edited = output.clone()
+        edited[self.key] = self.current.to(output.dtype)
+        return edited
+
+
 class _FastObjective:
     """L(Δ) on the RLVR side: vision tower once, forward stopped at the last layer, k rows per token."""
 
@@ -216,9 +328,8 @@ class _FastObjective:
         self.model = pair.rlvr
         self.lens = lens_of(self.model, pair.adapter)
         self.visual = inputs.visual_positions.to(pair.device)
+        self.n_tokens = inputs.n_tokens
         self.layers = [layer for layer in config.layers if layer in targets.selected]
-        # The visual tokens selected at each layer, as sequence positions.
-        self.positions = {layer: self.visual[targets.selected[layer]] for layer in self.layers}
         # inputs_embeds (text embeddings with the vision features merged in) = the input of block 0.
         embeds = capture_block_residuals(self.model, pair.adapter, inputs.model_inputs, inputs_of=(0,))
         self.embeds = embeds[("in", 0)].unsqueeze(0)
@@ -227,27 +338,30 @@ class _FastObjective:
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         config, lens, targets = self.config, self.lens, self.targets
-        embeds = self.embeds.clone()
-        embeds[0, self.visual] = embeds[0, self.visual] + delta.to(embeds.dtype)
-        terms: list[torch.Tensor] = []
         last = self.layers[-1]
+        stream = VisualResidual(self.visual, delta, self.n_tokens, last, config.residual == "float32")
+        terms: list[torch.Tensor] = []
 
         def term(layer: int):
             def fn(hidden: torch.Tensor) -> None:
+                # The residual as the stream holds it (float32 when carried), at the selected tokens.
+                assert stream.current is not None
                 rows = targets.topk_ids[layer]
-                logits = lens.logits(hidden[0, self.positions[layer]], rows=rows)
+                logits = lens.logits(stream.current[0, targets.selected[layer]], rows=rows)
                 terms.append(kl_topk(targets.topk_logp[layer], logits))
                 if layer == last:
                     raise _StopForward
 
             return fn
 
-        layers = self.pair.adapter.layers(self.model)
+        blocks = self.pair.adapter.layers(self.model)
         register = edit_input if config.variant == "released" else edit_output
-        handles: list[RemovableHandle] = [register(layers[L], term(L)) for L in self.layers]
+        handles: list[RemovableHandle] = []
         with installed(handles):
+            handles.extend(stream.install(blocks))  # first, so the terms read what it has written
+            handles.extend(register(blocks[L], term(L)) for L in self.layers)
             try:
-                self.model(**self.forward_inputs, inputs_embeds=embeds, use_cache=False)
+                self.model(**self.forward_inputs, inputs_embeds=self.embeds, use_cache=False)
             except _StopForward:
                 pass
         loss = torch.stack(terms).sum()
@@ -280,6 +394,7 @@ class ActivationReplay(Intervention):
         token_chunk: int = 256,
         rule: str = "tau_max",
         quantile: float = 0.3,
+        residual: str = "float32",
     ) -> None:
         super().__init__("rlvr")
         self.config = ReplayConfig(
@@ -294,6 +409,7 @@ class ActivationReplay(Intervention):
             token_chunk=token_chunk,
             rule=rule,
             quantile=quantile,
+            residual=residual,
         )
         self.result: ReplayResult | None = None
         self.targets: ReplayTargets | None = None
@@ -304,7 +420,7 @@ class ActivationReplay(Intervention):
         name = "replay" if c.select == "low" else "replay-high"
         return (
             f"{name}[{c.mask.tag()},alpha={c.alpha:g},steps={c.steps},layers={c.layers[0]}-{c.layers[-1]}"
-            f",k={c.topk},{c.variant}]"
+            f",k={c.topk},{c.variant}" + ("" if c.residual == "float32" else f",residual={c.residual}") + "]"
         )
 
     def prepare(self, pair: Any, inputs: PairInputs) -> ActivationReplay:
@@ -350,12 +466,28 @@ class ActivationReplay(Intervention):
                     final = float(objective(delta))
         if any(v != v for v in losses) or final != final:
             raise InputError("Activation Replay produced a NaN loss; check the model dtype and inputs")
+        changed = any(v != losses[0] for v in (*losses[1:], final))
+        if targets.selected and not changed:
+            warnings.warn(self._flat_loss_message(pair, losses[0]), stacklevel=2)
         self.targets = targets
         self._visual = visual.to(pair.device)
         self.result = ReplayResult(
-            delta.detach(), tuple(losses), final, targets.n_selected, int(visual.numel()), skipped
+            delta.detach(), tuple(losses), final, targets.n_selected, int(visual.numel()), skipped, changed
         )
         return super().prepare(pair, inputs)  # type: ignore[return-value]
+
+    def _flat_loss_message(self, pair: Any, loss: float) -> str:
+        config = self.config
+        head = f"{self.setting()}: the replay loss did not change over {config.steps} step(s) ({loss:.6g} throughout)"
+        if loss == 0.0:
+            return head + "; it is exactly zero, so no update was made and the offsets stay zero"
+        dtype = next(pair.rlvr.parameters()).dtype
+        if config.residual == "model" and narrower_than_float32(dtype):
+            return head + (
+                f": each update is below half an ulp of the {dtype} embeddings and rounds away; "
+                "use residual='float32' (the default)"
+            )
+        return head + f": the updates never reached the forward; alpha={config.alpha:g} may be too small"
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -389,3 +521,36 @@ class ActivationReplay(Intervention):
 
     def _detail(self) -> ReplayResult | None:
         return self.result
+
+    def _install(
+        self,
+        model: nn.Module,
+        adapter: Any,
+        states: Sequence[Prepared],
+        batch: Batch | None,
+        copies: int | None,
+    ) -> list[RemovableHandle]:
+        """Decode with the forward the optimisation ran: in a bf16/fp16 model with
+        ``residual="float32"``, Δ and the residual at its positions are carried in float32 through
+        the replay layers (:class:`VisualResidual`), each row with its own sample's Δ; otherwise the
+        plain position edit (Δ added once, rounded to the model dtype)."""
+        dtype = next(model.parameters()).dtype
+        edits = [(index, edit) for index, state in enumerate(states) for edit in state.edits]
+        if not edits or self.config.residual != "float32" or not narrower_than_float32(dtype):
+            return super()._install(model, adapter, states, batch, copies)
+        if batch is None:  # one sample as is: every row shares its positions
+            (_, edit), = edits
+            key: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = edit.positions
+            offsets, n_tokens = edit.values, states[0].inputs.n_tokens
+        else:
+            per_sample = copies or 1
+            rows, columns, values = [], [], []
+            for index, edit in edits:
+                shifted = batch.shift(index, edit.positions)
+                for copy in range(per_sample):
+                    rows.append(torch.full_like(shifted, index * per_sample + copy))
+                    columns.append(shifted)
+                    values.append(edit.values)
+            key, offsets, n_tokens = (torch.cat(rows), torch.cat(columns)), torch.cat(values), batch.n_tokens
+        stream = VisualResidual(key, offsets, n_tokens, max(self.config.layers), float32_carry=True)
+        return stream.install(adapter.layers(model))
