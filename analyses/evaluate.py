@@ -168,7 +168,8 @@ def _metric_values(df: pd.DataFrame, metric: str, k: int) -> np.ndarray:
 
 
 def _groups(per_item: pd.DataFrame) -> list[str]:
-    return ["all", *sorted(per_item["qtype"].unique())]
+    # Items without a question type count in "all" only.
+    return ["all", *sorted(str(q) for q in per_item["qtype"].dropna().unique())]
 
 
 def _select(df: pd.DataFrame, qtype: str) -> pd.DataFrame:
@@ -270,6 +271,30 @@ def evaluate(
     return EvalResult(per_item, summary, diffs)
 
 
+def summarise_runs(
+    runs: pd.DataFrame, ks: Sequence[int], base: str = "base", n_boot: int = 2000, seed: int = 0
+) -> EvalResult:
+    """An evaluation from the per-item table of :func:`analyses.intervention.run_settings`.
+
+    Each strategy (``base``, ``rlvr``: the models of the pair as they are) is one model; ``twin -
+    base`` differences are paired over the same items.
+
+    Args:
+        runs: One row per (strategy, item): ``strategy, item, qtype, greedy, correct, n, response``.
+        ks: pass@k budgets (each <= the samples per item; empty for greedy only).
+        base: The reference model for paired differences.
+        n_boot: Bootstrap resamples.
+        seed: Bootstrap seed.
+    """
+    columns = {"strategy": "model", "item": "id"}
+    keep = ["model", "id", "qtype", "greedy", "correct", "n", "response", "extracted", "verifier"]
+    per_item = runs.rename(columns=columns)[[c for c in keep if c in runs.rename(columns=columns)]]
+    summary = summarise(per_item, ks, n_boot, seed)
+    models = set(per_item["model"])
+    diffs = paired_differences(per_item, ks, base, n_boot, seed) if base in models and len(models) > 1 else None
+    return EvalResult(per_item, summary, pd.DataFrame() if diffs is None else diffs)
+
+
 def wide_table(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """One row per model x qtype, one column per metric: ``estimate [low, high]``."""
     s = summary.copy()
@@ -286,7 +311,8 @@ from lens.plot.passk import plot_pass_at_k  # noqa: E402  (re-exported for calle
 
 
 def write_outputs(result: EvalResult, out_dir: str | Path, title: str | None = None) -> list[Path]:
-    """Write ``per_item.csv``, ``summary.csv``, ``differences.csv``, ``table.md`` and ``pass_at_k.{png,pdf}``."""
+    """Write ``per_item.csv``, ``summary.csv``, ``differences.csv``, ``table.md`` and ``pass_at_k.{png,pdf}``
+    (the figure only when there are sampled pass@k values: greedy-only runs have no curve to draw)."""
     import matplotlib.pyplot as plt
 
     from lens.plot.style import save_figure
@@ -299,7 +325,8 @@ def write_outputs(result: EvalResult, out_dir: str | Path, title: str | None = N
     written += write_tables(out, tables)
     md = wide_table(result.summary).to_markdown()
     written.append(atomic_write(out / "table.md", lambda p: Path(p).write_text(md + "\n")))
-    fig = plot_pass_at_k(result.summary, title)
-    written += save_figure(fig, out / "pass_at_k")
-    plt.close(fig)
+    if (result.summary["metric"] == PASS).any():
+        fig = plot_pass_at_k(result.summary, title)
+        written += save_figure(fig, out / "pass_at_k")
+        plt.close(fig)
     return written

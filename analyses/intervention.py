@@ -24,15 +24,15 @@ size. One record per (setting, item) goes to ``records.jsonl`` through
 :class:`lens.records.RecordWriter`, keyed ``"<setting>/<item id>"``, so an interrupted run resumes
 where it stopped.
 
-Scoring: the organism's items use :func:`lens.organism.verify` (``answer N``). Other datasets use
-:func:`numeric_match`: an exact match after trimming and lower-casing, or else the *last* number
-in the response equal to the numeric ``answer`` (within 1e-6).
+Prompts and scoring: each item is encoded with a prompt preset (:mod:`lens.prompts`: ``prompt``,
+else the pair's own from its checkpoint side file, else ``plain``) and an optional system prompt,
+and every response is scored by :mod:`lens.scoring` (``verifier="auto"``: the organism's verifier
+for organism items, letter matching for multiple choice, math-verify otherwise). Each record keeps
+the greedy response's extracted answer and verdict, so the scoring can be audited.
 """
 
 from __future__ import annotations
 
-import math
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -54,31 +54,9 @@ from lens.records import RecordWriter, write_tables
 #: Mask rules an intervention run accepts (``fixed`` needs per-layer thresholds; use the API).
 MASK_CHOICES = ("tau_max", "quantile")
 STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-Verifier = Callable[[str, Any], bool]
-
-
-def numeric_match(text: str | None, answer: Any) -> bool:
-    """Exact (trimmed, lower-cased) match, else the last number in ``text`` equals a numeric ``answer``."""
-    if not text or answer is None:
-        return False
-    if text.strip().lower() == str(answer).strip().lower():
-        return True
-    numbers = _NUMBER.findall(text)
-    try:
-        return bool(numbers) and math.isclose(float(numbers[-1]), float(answer), abs_tol=1e-6)
-    except ValueError:
-        return False
-
-
-def default_verifier(samples: Sequence[Any]) -> Verifier:
-    """The organism's verifier for organism items, :func:`numeric_match` otherwise."""
-    from lens import organism
-
-    if samples and all(isinstance(s, organism.Sample) for s in samples):
-        return organism.verify
-    return numeric_match
+#: A verifier: a name from :data:`lens.scoring.VERIFIERS`, a :class:`lens.scoring.Verifier`, or a
+#: callable ``fn(response, answer) -> bool``.
+Verifier = str | Callable[..., Any]
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -110,6 +88,10 @@ class InterventionRunConfig:
         top_k: Sampling top-k (``None``: the checkpoint's, else off).
         stop_strings: Strings that end a decode (``None``: the checkpoint's, else none).
         batch_size: Items per greedy ``generate`` call (results do not depend on it).
+        prompt: Prompt preset name (:data:`lens.prompts.PRESETS`; ``None``: the pair's own, else
+            ``plain``).
+        system: System prompt replacing the preset's (``""``: none; ``None``: the preset's).
+        verifier: Answer checker name (:data:`lens.scoring.VERIFIERS`; ``"auto"`` picks per item).
     """
 
     strategies: tuple[str, ...] = STRATEGIES
@@ -131,8 +113,17 @@ class InterventionRunConfig:
     top_k: int | None = None
     stop_strings: tuple[str, ...] | None = None
     batch_size: int = 1
+    prompt: str | None = None
+    system: str | None = None
+    verifier: str = "auto"
 
     def __post_init__(self) -> None:
+        from lens.prompts import get_preset
+        from lens.scoring import resolve_verifier
+
+        if self.prompt is not None:
+            get_preset(self.prompt)  # an unknown name fails here, before any model loads
+        resolve_verifier(self.verifier)
         if self.stop_strings is not None:
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         bad = [s for s in self.strategies if s not in STRATEGIES]
@@ -214,9 +205,13 @@ class PreparedItem:
     prepare_s: float = 0.0
 
 
-def prepare_item(pair: Any, sample: Any, intervention: Intervention) -> PreparedItem:
-    """Encode one item and prepare the intervention on it, recording its warnings."""
-    inputs = pair.encode(sample.question, _images(sample))
+def prepare_item(
+    pair: Any, sample: Any, intervention: Intervention, preset: Any = None, system: str | None = None
+) -> PreparedItem:
+    """Encode one item with its prompt preset and prepare the intervention on it, recording its warnings."""
+    from lens.prompts import encode_sample
+
+    inputs = encode_sample(pair, sample, preset, system=system)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -243,14 +238,17 @@ def run_item(
         sample: The item.
         intervention: The strategy.
         config: The run settings.
-        verify: The answer checker.
+        verify: The answer checker (see :func:`lens.scoring.resolve_verifier`).
         seed: The item's sampling seed.
         decoding: The effective decoding settings (default: ``config.decoding(pair)``).
         prepared: The item already prepared (by :func:`prepare_item`), or ``None`` to prepare it here.
         greedy: The item's greedy text and its share of the decode time, when decoded in a batch.
     """
+    from lens.scoring import resolve_verifier
+
+    verifier = resolve_verifier(verify)
     decoding = decoding or config.decoding(pair)
-    prepared = prepared or prepare_item(pair, sample, intervention)
+    prepared = prepared or prepare_item(pair, sample, intervention, config.prompt, config.system)
     state = prepared.state
     start = time.perf_counter()
     if greedy is None:
@@ -262,14 +260,19 @@ def run_item(
         draws = intervention.generate_batch(pair, [state], decoding, n=config.n, do_sample=True, seed=seed)
         sampled = draws[0].texts
     response, greedy_s = greedy
+    verdict = verifier(response, sample)
     record: dict[str, Any] = {
         "item": str(sample.id),
         "qtype": getattr(sample, "qtype", None),
         "answer": None if sample.answer is None else str(sample.answer),
-        "greedy": int(verify(response, sample.answer)),
-        "correct": int(sum(verify(t, sample.answer) for t in sampled)),
+        "greedy": int(verdict.correct),
+        "correct": int(sum(verifier(t, sample).correct for t in sampled)),
         "n": len(sampled),
         "response": response,
+        # What the scorer read and decided, so the scoring can be audited item by item.
+        "extracted": verdict.extracted,
+        "extractor": verdict.extractor,
+        "verifier": verdict.verifier,
         "prepare_s": prepared.prepare_s,
         "decode_s": greedy_s + time.perf_counter() - start,
         "warnings": prepared.warnings,
@@ -324,7 +327,12 @@ def run_settings(
         raise DatasetError("the dataset has no samples")
     from tqdm.auto import tqdm
 
-    verify = verify or default_verifier(samples)
+    from lens.prompts import get_preset
+    from lens.scoring import check_scorable, math_verify_version
+
+    # An item the verifier cannot score (no answer, a choice item without options) fails before any decode.
+    verifier = check_scorable(samples, verify if verify is not None else config.verifier)
+    preset = get_preset(config.prompt or getattr(pair, "prompt_preset", None) or "plain")
     decoding = config.decoding(pair)
     if config.n and decoding.near_greedy_sampling:
         warnings.warn(
@@ -338,6 +346,9 @@ def run_settings(
     settings = {"pair": list(getattr(pair, "names", ())), **asdict(config), "decoding": decoding.to_dict()}
     for key in ("strategies", "ks", "n_boot", "batch_size"):
         settings.pop(key)
+    # The effective prompt (a preset named in a checkpoint side file counts) and the scorer's version:
+    # verdicts can change between math-verify releases.
+    settings.update(prompt=preset.name, verifier=verifier.name, math_verify=math_verify_version())
     writer = None
     if out_dir is not None:
         digests = sample_digests(samples)
@@ -361,13 +372,13 @@ def run_settings(
                 pending.append((index, sample, key))
         for start in range(0, len(pending), config.batch_size):
             chunk = pending[start : start + config.batch_size]
-            prepared = [prepare_item(pair, sample, intervention) for _, sample, _ in chunk]
+            prepared = [prepare_item(pair, sample, intervention, preset, config.system) for _, sample, _ in chunk]
             greedy = decode_greedy(pair, intervention, prepared, decoding)
             for (index, sample, key), item, text in zip(chunk, prepared, greedy, strict=True):
                 record = {"strategy": strategy, "setting": setting, "greedy_batch": len(chunk)}
                 record.update(
                     run_item(
-                        pair, sample, intervention, config, verify, config.seed + index, decoding, item, text
+                        pair, sample, intervention, config, verifier, config.seed + index, decoding, item, text
                     )
                 )
                 if writer is not None:

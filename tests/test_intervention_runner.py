@@ -8,7 +8,7 @@ import pytest
 from intervention_fixtures import image, tiny_pair
 
 import analyses.intervention as runner
-from analyses.intervention import InterventionRunConfig, numeric_match, run_interventions
+from analyses.intervention import InterventionRunConfig, run_interventions
 from analyses.replay import ReplayGrid, run_replay_grid
 from lens.datasets import Sample
 from lens.errors import ConfigError
@@ -31,12 +31,6 @@ def samples(tmp_path_factory):
 
 
 CONFIG = InterventionRunConfig(layers=(0, 1), steps=3, topk=5, n=2, ks=(1, 2), max_new_tokens=3, n_boot=200)
-
-
-def test_numeric_match():
-    assert numeric_match("so the answer is 42.", "42")
-    assert numeric_match("3 then 7", 7) and not numeric_match("7 then 3", 7)
-    assert numeric_match(" Blue ", "blue") and not numeric_match("", "1") and not numeric_match("x", None)
 
 
 def test_runner_resumes_exactly_once(pair, samples, tmp_path, monkeypatch):

@@ -242,6 +242,86 @@ def check_resume(records: str | Path, spec: PairSpec, args: argparse.Namespace) 
 # -- samples ---------------------------------------------------------------------------------------------
 
 
+def add_data_arguments(parser: argparse.ArgumentParser, items_help: str) -> None:
+    """``--data``/``--columns``/``--items`` and the prompt: ``--prompt``/``--system``/``--verifier``."""
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="dataset: JSONL, VLMEvalKit TSV, Parquet, or a datasets.save_to_disk folder "
+        "(default: the organism's held-out set)",
+    )
+    parser.add_argument(
+        "--columns",
+        default=None,
+        metavar="MAP",
+        help="field=column names where the file differs, e.g. question=query,answer=gt,image=decoded_image",
+    )
+    parser.add_argument("--items", type=int, default=None, help=items_help)
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        metavar="PRESET",
+        help="prompt preset (system prompt, question layout): plain, mm-eureka, vl-rethinker, "
+        "vl-rethinker-card, thinklite-vl, openvlthinker (default: the checkpoint's replay_lens.json, else plain)",
+    )
+    parser.add_argument(
+        "--system", default=None, metavar="TEXT", help="system prompt replacing the preset's ('' for none)"
+    )
+    parser.add_argument(
+        "--verifier",
+        default="auto",
+        help="answer checker: auto (organism items: organism; items with options: choice; else math), "
+        "math (math-verify), choice, organism (default auto)",
+    )
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max-new-tokens`` (default: the pair's) and ``--batch-size``."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="decode budget (default: the checkpoint's generation_config, 4 on the organism, else 2048)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="items per batched greedy decode (default 8; results do not depend on it)",
+    )
+
+
+def read_items(args: argparse.Namespace, organism_default: int) -> list[Any]:
+    """``--data`` (its first ``--items`` items, all by default) or ``--items`` organism items
+    (``organism_default`` by default), every image opened once.
+
+    Raises:
+        ConfigError: ``--items`` below 1 or a malformed ``--columns``.
+        DatasetError / InputError: A malformed dataset or an unreadable image.
+    """
+    from lens.datasets import check_images
+
+    check_at_least(args.items, "--items")
+    if args.data is not None:
+        samples = read_dataset(args.data, getattr(args, "columns", None))
+        samples = samples[: args.items] if args.items else samples
+    else:
+        if getattr(args, "columns", None):
+            raise ConfigError("--columns maps the columns of --data; give --data too")
+        from lens import organism
+
+        samples = organism.heldout(n=args.items or organism_default)
+    check_images(samples)
+    return samples
+
+
+def check_scoring(samples: Sequence[Any], verifier: Any) -> None:
+    """Refuse, before loading, an item the verifier cannot score (no answer, choice without options)."""
+    from lens.scoring import check_scorable
+
+    check_scorable(samples, verifier)
+
+
 def read_dataset(path: str | Path, columns: str | None = None) -> list[Any]:
     """The samples of ``--data`` in any supported format (JSONL, VLMEvalKit TSV, Parquet, a
     ``datasets.save_to_disk`` folder), with ``--columns`` mapping field names to the file's columns.
@@ -316,12 +396,15 @@ def image_size_problem(image: Any, processor: Any) -> str | None:
     """
     if processor is None or not hasattr(processor, "get_number_of_image_patches"):
         return None
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (str, Path, bytes, bytearray, memoryview)):
+        from io import BytesIO
+
         from PIL import Image
 
-        with Image.open(image) as img:
+        encoded = not isinstance(image, (str, Path))
+        with Image.open(BytesIO(image) if encoded else image) as img:  # the header only: no decoding
             width, height = img.size
-        name = Path(image).name
+        name = "the image" if encoded else Path(image).name
     else:
         width, height = image.size
         name = "the image"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lens.commands.common import add_data_arguments, add_decoding_arguments, add_pair_arguments
 from lens.errors import ConfigError
 
 KNOWN_PAIRS = ("organism",)
@@ -14,24 +15,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``lens eval``."""
     parser = subparsers.add_parser(
         "eval",
-        help="pass@1 / pass@k of base, rlvr and control with bootstrap CIs",
-        description="Greedy pass@1 and unbiased pass@k (n samples at temperature 1) per model and question "
-        "type, with bootstrap 95%% CIs and paired CIs for twin - base.",
+        help="pass@1 / pass@k of a pair (the organism: base, rlvr and control) with bootstrap CIs",
+        description="Greedy pass@1 and unbiased pass@k (n samples) per model and question type, with "
+        "bootstrap 95%% CIs and paired CIs for twin - base. With no --rlvr, --data or prompt options on the "
+        "organism, evaluates its three models (base, rlvr, control) on its held-out set.",
     )
-    parser.add_argument("--pair", default="organism", help="pair to evaluate (known: organism)")
+    add_pair_arguments(parser)
+    parser.add_argument(
+        "--pair", default=None, help=argparse.SUPPRESS  # older spelling of --base organism
+    )
+    add_data_arguments(parser, items_help="items (default: all of --data, 500 organism items)")
+    add_decoding_arguments(parser)
     parser.add_argument(
         "--k", default="1,4,8,16", help="comma-separated k values, each <= --n (default 1,4,8,16)"
     )
-    parser.add_argument("--n", type=int, default=16, help="samples per item at temperature 1.0 (default 16)")
-    parser.add_argument("--items", type=int, default=500, help="held-out items (default 500)")
-    parser.add_argument("--out", default="results/eval", help="output folder (default results/eval)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
     parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (default 1: per-item batches are too small to share)",
+        "--n", type=int, default=16, help="samples per item (default 16; 0: greedy only, with --data)"
     )
+    parser.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
     parser.add_argument(
         "--fresh",
         "--no-resume",
@@ -58,14 +60,93 @@ def check_args(args: argparse.Namespace):
     from analyses.evaluate import EvalConfig
     from lens.commands.common import check_run_options
 
-    if args.pair not in KNOWN_PAIRS:
+    if args.pair is not None and args.pair not in KNOWN_PAIRS:
         raise ConfigError(f"unknown pair {args.pair!r}; known pairs: {', '.join(KNOWN_PAIRS)}")
     check_run_options(args)
     return EvalConfig(ks=parse_ks(args.k), n=args.n, seed=args.seed)
 
 
+def organism_trio(args: argparse.Namespace) -> bool:
+    """Whether this is the organism's own evaluation (its three models on its held-out set)."""
+    plain = args.prompt is None and args.system is None and args.verifier == "auto" and args.columns is None
+    return args.base == "organism" and args.rlvr is None and args.data is None and plain
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``lens eval``."""
+    if args.pair is not None and args.pair not in KNOWN_PAIRS:
+        raise ConfigError(f"unknown pair {args.pair!r}; known pairs: {', '.join(KNOWN_PAIRS)}")
+    if organism_trio(args):
+        return run_organism_eval(args)
+    return run_pair_eval(args)
+
+
+def run_pair_eval(args: argparse.Namespace) -> int:
+    """Any pair on any dataset: both models as they are, batched greedy, ``--n`` samples, scored."""
+    from analyses.evaluate import summarise_runs, wide_table, write_outputs
+    from analyses.intervention import InterventionRunConfig, make_intervention, run_settings
+    from lens.commands.common import (
+        apply_threads,
+        check_resume,
+        check_run_options,
+        check_samples,
+        check_scoring,
+        inspect_pair,
+        load_pair_from_args,
+        read_items,
+    )
+    from lens.outdir import OutputFolder
+
+    if args.n < 0:
+        raise ConfigError(f"--n must be >= 0, got {args.n}")
+    ks = parse_ks(args.k) if args.n else ()
+    check_run_options(args)
+    config = InterventionRunConfig(
+        strategies=("base", "rlvr"),
+        n=args.n,
+        ks=ks,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        prompt=args.prompt,
+        system=args.system,
+        verifier=args.verifier,
+    )
+    samples = read_items(args, organism_default=500)
+    spec = inspect_pair(args)
+    check_samples(samples, spec, args.data)
+    check_scoring(samples, config.verifier)
+    out = Path(args.out)
+    check_resume(out / "records.jsonl", spec, args)
+    apply_threads(args)
+    with OutputFolder(out):
+        pair = load_pair_from_args(args)
+        interventions = [(s, make_intervention(s, config, pair.n_layers)) for s in config.strategies]
+        runs = run_settings(pair, samples, interventions, config, out, resume=not args.fresh, progress=True)
+        result = summarise_runs(runs, ks, seed=args.seed)
+        title = f"{pair.names[0]} → {pair.names[1]}, {len(samples)} items"
+        write_outputs(result, out, title=title)
+    print(f"\n{title}; value [95% bootstrap CI]:")
+    print(wide_table(result.summary).to_string())
+    print_differences(result)
+    figure = ", pass_at_k.png/.pdf" if args.n else ""
+    print(f"\nwrote {out}/summary.csv, differences.csv, per_item.csv, table.md{figure}, records.jsonl")
+    return 0
+
+
+def print_differences(result) -> None:
+    d = result.differences
+    if len(d):
+        d = d[d["qtype"] == "all"]
+        print("\npaired twin - base (all question types):")
+        for r in d.itertuples():
+            print(
+                f"  {r.twin:8s} {r.metric:14s} k={r.k:<3d} {r.diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
+            )
+
+
+def run_organism_eval(args: argparse.Namespace) -> int:
+    """The organism's three models on its held-out set (the README's table)."""
     cfg = check_args(args)
     import torch
 
@@ -76,14 +157,16 @@ def run_eval(args: argparse.Namespace) -> int:
     from lens.outdir import OutputFolder
     from lens.records import RecordWriter
 
-    torch.set_num_threads(args.threads)
+    # One thread by default: the per-item batches are too small to share between cores.
+    torch.set_num_threads(args.threads or 1)
     out = Path(args.out)
-    samples = organism.heldout(args.items)
+    items = args.items or 500
+    samples = organism.heldout(items)
     with OutputFolder(out):
         loaded = {name: organism.load_model(name) for name in organism.MODEL_NAMES}
         encoder = Encoder(loaded["base"][1])
         models = {name: m for name, (m, _, _) in loaded.items()}
-        tag = f"n{cfg.n}-seed{cfg.seed}-items{args.items}"
+        tag = f"n{cfg.n}-seed{cfg.seed}-items{items}"
         digests = {str(s.id): sample_digest(s) for s in samples}
         writer = RecordWriter(
             out / f"records-{tag}.jsonl",
@@ -94,15 +177,8 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         with writer:
             result = evaluate(models, encoder, samples, organism.verify, cfg, writer=writer, progress=True)
-            write_outputs(result, out, title=f"organism, {args.items} held-out items, n={cfg.n}")
+            write_outputs(result, out, title=f"organism, {items} held-out items, n={cfg.n}")
     print(wide_table(result.summary).to_string())
-    d = result.differences
-    if len(d):
-        d = d[d["qtype"] == "all"]
-        print("\npaired twin - base (all question types):")
-        for r in d.itertuples():
-            print(
-                f"  {r.twin:8s} {r.metric:14s} k={r.k:<3d} {r.diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}]"
-            )
+    print_differences(result)
     print(f"\nwrote {out}/summary.csv, differences.csv, per_item.csv, table.md, pass_at_k.png/.pdf")
     return 0

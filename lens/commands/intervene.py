@@ -6,16 +6,19 @@ import argparse
 from pathlib import Path
 
 from lens.commands.common import (
+    add_data_arguments,
+    add_decoding_arguments,
     add_pair_arguments,
     check_layers,
     check_resume,
     check_run_options,
     check_samples,
+    check_scoring,
     check_topk,
     inspect_pair,
     load_pair_from_args,
     parse_layers,
-    read_dataset,
+    read_items,
 )
 
 #: Strategies that act on visual tokens, so every item needs an image.
@@ -39,16 +42,13 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
-    """Dataset, decoding and replay arguments shared by ``intervene`` and ``replay``."""
-    parser.add_argument("--data", default=None, help="JSONL dataset (default: the organism's held-out set)")
-    parser.add_argument("--items", type=int, default=40, help="number of items (default 40)")
+    """Dataset, prompt, decoding and replay arguments shared by ``intervene`` and ``replay``."""
+    add_data_arguments(parser, items_help="number of items (default: all of --data, 40 organism items)")
     parser.add_argument(
         "--n", type=int, default=8, help="samples per item for pass@k (default 8; 0: greedy only)"
     )
     parser.add_argument("--k", default="1,2,4,8", help="pass@k budgets, comma-separated (default 1,2,4,8)")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=4, help="decode budget (default 4, the organism's)"
-    )
+    add_decoding_arguments(parser)
     add_mask_arguments(parser)
     parser.add_argument("--alpha", type=float, default=10.0, help="replay step size (default 10)")
     parser.add_argument("--steps", type=int, default=25, help="replay gradient steps (default 25)")
@@ -90,23 +90,16 @@ def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
         ks=tuple(int(k) for k in parse_floats(args.k, "--k")) if args.n else (),
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        batch_size=args.batch_size,
+        prompt=args.prompt,
+        system=args.system,
+        verifier=args.verifier,
     )
 
 
 def load_items(args: argparse.Namespace) -> list:
-    """The first ``--items`` items of ``--data`` (or of the organism's held-out set), images opened once."""
-    from lens.commands.common import check_at_least
-    from lens.datasets import check_images
-
-    check_at_least(args.items, "--items")
-    if args.data is not None:
-        samples = read_dataset(args.data)[: args.items]
-    else:
-        from lens import organism
-
-        samples = organism.heldout(n=args.items)
-    check_images(samples)
-    return samples
+    """The first ``--items`` items of ``--data`` (all by default; else 40 organism items), images opened once."""
+    return read_items(args, organism_default=40)
 
 
 def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str, ...]) -> list:
@@ -129,6 +122,7 @@ def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str
     check_samples(
         samples, spec, args.data, needs_image=f"--strategies {','.join(visual)}" if visual else None
     )
+    check_scoring(samples, config.verifier)
     check_resume(Path(args.out) / "records.jsonl", spec, args)
     return samples
 
