@@ -339,7 +339,9 @@ def encode_sample(
     if preset is None:
         preset = getattr(pair, "prompt_preset", None) or "plain"
     preset = get_preset(preset)
-    images = tuple(getattr(sample, "images", ()) or ())
+    from lens.datasets import sample_images  # ``images``, or the organism's single ``image``
+
+    images = sample_images(sample)
     turns = preset.turns(sample, images, image_first=pair.image_first, system=system)
     try:
         return pair.encode(messages=turns, response=response)
