@@ -139,4 +139,4 @@ def test_cli_handlers_parse_and_reject_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="bogus"):
         args.handler(args)
     args = parser.parse_args(["intervene", "--alpha", "0", "--out", str(tmp_path)])
-    assert args.alpha == 0.0 and args.steps == 25 and args.items == 40 and args.n == 8
+    assert args.alpha == 0.0 and args.steps == 25 and args.items is None and args.n == 8
