@@ -19,7 +19,7 @@ from nbclient.exceptions import CellExecutionError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
-CELL_TIMEOUT_S = 300
+CELL_TIMEOUT_S = 900  # generous: the 2 CI cores are shared, and a cell that hangs still fails
 
 
 def test_every_notebook_is_listed():
