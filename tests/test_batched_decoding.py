@@ -220,3 +220,29 @@ def test_runner_results_do_not_depend_on_the_batch_size(pair, tmp_path):
     # Resuming with another batch size is allowed and does no work.
     again = run(replace(base, batch_size=2), "b3")
     assert again[columns].equals(three[columns])
+
+
+def test_bf16_replay_decodes_batched_rows_with_the_float32_carry(pair, samples):
+    """In bf16 the replay prefill carries Δ in float32 (VisualResidual); batched rows must get their own
+    Δ through that path too: each row's first-step logits equal its single-sample decode (bf16 tolerance),
+    and differ from plain decoding."""
+    import copy
+
+    bf16 = copy.copy(pair)
+    bf16.base = copy.deepcopy(pair.base).to(torch.bfloat16)
+    bf16.rlvr = copy.deepcopy(pair.rlvr).to(torch.bfloat16)
+    replay = ActivationReplay(layers=(0, 1), steps=3, topk=5, rule="quantile", quantile=0.3, alpha=1000.0)
+    assert replay.config.residual == "float32"
+    states = [replay.prepare(bf16, x).state for x in samples]
+    one_step = decoding_for(bf16, max_new_tokens=1)
+    batched = replay.generate_batch(bf16, states, one_step, first_logits=True)
+    alone = [replay.generate_batch(bf16, [s], one_step, first_logits=True)[0] for s in states]
+    baseline = Baseline()
+    plain = baseline.generate_batch(
+        bf16, [baseline.prepare(bf16, x).state for x in samples], one_step, first_logits=True
+    )
+    for together, single, before in zip(batched, alone, plain, strict=True):
+        scale = single.first_logits.abs().max()
+        assert torch.allclose(together.first_logits, single.first_logits, atol=float(4 * 2**-8 * scale), rtol=0)
+        assert (together.first_logits - before.first_logits).abs().max() > 0
+    assert hook_count(bf16.rlvr) == 0
