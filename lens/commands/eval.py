@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="pass@1 / pass@k of a pair (the organism: base, rlvr and control) with bootstrap CIs",
         description="Greedy pass@1 and unbiased pass@k (n samples) per model and question type, with "
-        "bootstrap 95%% CIs and paired CIs for twin - base. With no --rlvr, --data or prompt options on the "
+        "bootstrap 95% CIs and paired CIs for twin - base. With no --rlvr, --data or prompt options on the "
         "organism, evaluates its three models (base, rlvr, control) on its held-out set.",
     )
     add_pair_arguments(parser)
