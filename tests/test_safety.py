@@ -253,18 +253,18 @@ def test_a_changed_sample_is_recomputed_alone_and_never_counted_twice(
 ):
     samples = load_jsonl(make_dataset(4))
     out, fresh = tmp_path / "out", tmp_path / "fresh"
-    run_drift(vl_pair, samples, out, DriftConfig(n_buckets=2))
+    run_drift(vl_pair, samples, out, DriftConfig(n_buckets=2), csv=True)
     old = sample_digest(samples[1])
     random_image(84, 56, seed=99).save(samples[1].image)  # the dataset's image changes on disk
     assert sample_digest(samples[1]) != old
     calls = []
     real = kd.drift_record
     monkeypatch.setattr(kd, "drift_record", lambda p, s, c: calls.append(s.id) or real(p, s, c))
-    run_drift(vl_pair, samples, out, DriftConfig(n_buckets=2))
+    run_drift(vl_pair, samples, out, DriftConfig(n_buckets=2), csv=True)
     assert calls == ["s1"]
     ids = [json.loads(line)["sample_id"] for line in (out / "records.jsonl").read_text().splitlines()]
     assert sorted(ids) == ["s0", "s1", "s2", "s3"]  # the old s1 line is gone
-    run_drift(vl_pair, samples, fresh, DriftConfig(n_buckets=2))
+    run_drift(vl_pair, samples, fresh, DriftConfig(n_buckets=2), csv=True)
     for name in ("drift_table.csv", "drift_buckets.csv", "drift_spearman.csv"):
         assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
 
