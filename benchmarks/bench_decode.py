@@ -8,7 +8,7 @@ at random). Both ways run side by side in one process, interleaved ``--repeats``
 warm-up; the medians give tokens/s and the ratio. Whether the two ways gave identical tokens (they
 should: each row is decoded as it would be alone) is reported with the numbers.
 
-    python benchmarks/bench_decode.py --threads 2                  # CPU defaults, a few minutes
+    python benchmarks/bench_decode.py --threads 2                  # CPU defaults (10-60 min on 2 busy cores)
     python benchmarks/bench_decode.py --real-7b --device cuda      # Qwen2.5-VL-7B shapes, bf16, on a GPU
 """
 
