@@ -291,7 +291,9 @@ def summarise_runs(
     per_item = runs.rename(columns=columns)[[c for c in keep if c in runs.rename(columns=columns)]]
     summary = summarise(per_item, ks, n_boot, seed)
     models = set(per_item["model"])
-    diffs = paired_differences(per_item, ks, base, n_boot, seed) if base in models and len(models) > 1 else None
+    diffs = (
+        paired_differences(per_item, ks, base, n_boot, seed) if base in models and len(models) > 1 else None
+    )
     return EvalResult(per_item, summary, pd.DataFrame() if diffs is None else diffs)
 
 

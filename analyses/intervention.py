@@ -318,10 +318,13 @@ def run_settings(
     resume: bool = True,
     progress: bool = False,
     verify: Verifier | None = None,
-) -> pd.DataFrame:
+    shard: Any = None,
+) -> pd.DataFrame | None:
     """Run ``(strategy, intervention)`` pairs over ``samples``; return the per-item table.
 
-    Records are keyed ``"<setting>/<item id>"``; with ``out_dir`` finished ones are skipped.
+    Records are keyed ``"<setting>/<item id>"``; with ``out_dir`` finished ones are skipped. With
+    ``shard`` (a :class:`lens.distributed.Shard`), only that shard's records are computed, into its
+    shard folder, and ``None`` is returned: the merge tabulates.
     """
     if not samples:
         raise DatasetError("the dataset has no samples")
@@ -354,7 +357,7 @@ def run_settings(
         digests = sample_digests(samples)
         inputs = {f"{i.setting()}/{sid}": d for _, i in interventions for sid, d in digests.items()}
         writer = RecordWriter(
-            Path(out_dir) / "records.jsonl", resume, settings, pair_fingerprint(pair), inputs
+            Path(out_dir) / "records.jsonl", resume, settings, pair_fingerprint(pair), inputs, shard
         )
     memory: list[dict[str, Any]] = []
     wanted: set[str] = set()
@@ -366,19 +369,29 @@ def run_settings(
         for index, sample in enumerate(samples):
             key = f"{setting}/{sample.id}"
             wanted.add(key)
-            if writer is not None and key in writer:
+            if writer is not None and not writer.todo(key):
                 bar.update(1)
             else:
                 pending.append((index, sample, key))
         for start in range(0, len(pending), config.batch_size):
             chunk = pending[start : start + config.batch_size]
-            prepared = [prepare_item(pair, sample, intervention, preset, config.system) for _, sample, _ in chunk]
+            prepared = [
+                prepare_item(pair, sample, intervention, preset, config.system) for _, sample, _ in chunk
+            ]
             greedy = decode_greedy(pair, intervention, prepared, decoding)
             for (index, sample, key), item, text in zip(chunk, prepared, greedy, strict=True):
                 record = {"strategy": strategy, "setting": setting, "greedy_batch": len(chunk)}
                 record.update(
                     run_item(
-                        pair, sample, intervention, config, verifier, config.seed + index, decoding, item, text
+                        pair,
+                        sample,
+                        intervention,
+                        config,
+                        verifier,
+                        config.seed + index,
+                        decoding,
+                        item,
+                        text,
                     )
                 )
                 if writer is not None:
@@ -387,6 +400,10 @@ def run_settings(
                     memory.append({"sample_id": key, **record})
                 bar.update(1)
     bar.close()
+    if writer is not None:
+        writer.close()
+        if writer.partial:
+            return None
     records = memory if writer is None else writer.read(wanted)
     return per_item_table(records)
 
@@ -474,14 +491,17 @@ def run_interventions(
     progress: bool = False,
     verify: Verifier | None = None,
     title: str | None = None,
-) -> InterventionResult:
+    shard: Any = None,
+) -> InterventionResult | None:
     """Run every strategy of ``config`` over ``samples`` and summarise.
 
     Writes (with ``out_dir``): ``records.jsonl``, ``per_item.csv``, ``summary.csv`` and
-    ``pass_at_k.{png,pdf}``.
+    ``pass_at_k.{png,pdf}``. With ``shard``, computes that shard's records only and returns ``None``.
     """
     interventions = [(s, make_intervention(s, config, pair.n_layers)) for s in config.strategies]
-    per_item = run_settings(pair, samples, interventions, config, out_dir, resume, progress, verify)
+    per_item = run_settings(pair, samples, interventions, config, out_dir, resume, progress, verify, shard)
+    if per_item is None:
+        return None
     summary = summarise(per_item, config.ks, config.n_boot, config.seed)
     if out_dir is not None:
         out = Path(out_dir)

@@ -238,7 +238,8 @@ def run_drift(
     progress: bool = False,
     title: str | None = None,
     csv: bool = False,
-) -> DriftResult:
+    shard: Any = None,
+) -> DriftResult | None:
     """Run the drift analysis over a dataset.
 
     Args:
@@ -252,9 +253,11 @@ def run_drift(
         progress: Show a progress bar.
         title: Figure title.
         csv: Also write the tidy table as ``drift_table.csv`` (large: ~55 bytes per row).
+        shard: This process's :class:`lens.distributed.Shard` of a data-parallel run: compute only
+            its samples, into its shard folder, and return ``None`` (the merge draws the tables).
 
     Returns:
-        The bucket table, the Spearman table and the tidy table.
+        The bucket table, the Spearman table and the tidy table (``None`` for a shard).
     """
     if not samples:
         raise DatasetError("the dataset has no samples")
@@ -276,20 +279,18 @@ def run_drift(
         settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
         settings.pop("n_buckets")  # bucketing happens after the records
         writer = RecordWriter(
-            out / "records.jsonl", resume, settings, pair_fingerprint(pair), sample_digests(samples)
+            out / "records.jsonl", resume, settings, pair_fingerprint(pair), sample_digests(samples), shard
         )
-        todo = [s for s in samples if s.id not in writer]
-        with ShardWriter(writer, DRIFT_SCHEMA) as shards:
+        todo = [s for s in samples if writer.todo(s.id)]
+        done = 0 if writer.partial else len(samples) - len(todo)
+        with writer, ShardWriter(writer, DRIFT_SCHEMA) as shards:
             for sample in tqdm(
-                todo,
-                desc="drift",
-                unit="sample",
-                disable=not progress,
-                initial=len(samples) - len(todo),
-                total=len(samples),
+                todo, desc="drift", unit="sample", disable=not progress, initial=done, total=done + len(todo)
             ):
                 record = drift_record(pair, sample, config)
                 shards.add(sample.id, record.to_arrow(), record.fields())
+            if writer.partial:
+                return None
         tidy = table_from_records(writer.read(s.id for s in samples), out, DRIFT_SCHEMA, legacy_table)
     buckets, correlations = tabulate_drift(tidy, config.n_buckets, out_dir, csv=csv)
     if out_dir is not None:

@@ -772,7 +772,8 @@ def run_perturbation(
     resume: bool = True,
     progress: bool = False,
     title: str | None = None,
-) -> PerturbResult:
+    shard: Any = None,
+) -> PerturbResult | None:
     """Run the perturbation study over a dataset.
 
     Args:
@@ -789,9 +790,11 @@ def run_perturbation(
         resume: Keep records already in ``out_dir`` and skip their samples.
         progress: Show a progress bar.
         title: Figure title.
+        shard: This process's :class:`lens.distributed.Shard` of a data-parallel run: compute only
+            its samples, into its shard folder, and return ``None`` (the merge draws the tables).
 
     Returns:
-        The tidy table, the correlation table and the per-σ summary.
+        The tidy table, the correlation table and the per-σ summary (``None`` for a shard).
 
     Raises:
         DatasetError: No samples, or samples without an answer or an image.
@@ -810,10 +813,13 @@ def run_perturbation(
         settings = {"pair": list(getattr(pair, "names", ())), **asdict(config)}
         settings.pop("n_boot")  # statistics are computed after the records
         writer = RecordWriter(
-            out / "records.jsonl", resume, settings, pair_fingerprint(pair), sample_digests(samples)
+            out / "records.jsonl", resume, settings, pair_fingerprint(pair), sample_digests(samples), shard
         )
-        for sample, record in records_for([s for s in samples if str(s.id) not in writer]):
-            writer.write(str(sample.id), record)
+        with writer:
+            for sample, record in records_for([s for s in samples if writer.todo(str(s.id))]):
+                writer.write(str(sample.id), record)
+        if writer.partial:
+            return None
         records = writer.read(str(s.id) for s in samples)
     table = perturb_table(records)
     correlations = correlation_table(table, config.n_boot, config.seed)

@@ -175,12 +175,15 @@ def run_replay_grid(
     progress: bool = False,
     verify: Verifier | None = None,
     title: str | None = None,
-) -> ReplayGridResult:
+    shard: Any = None,
+) -> ReplayGridResult | None:
     """Run the (τ or q) × α grid and write ``records.jsonl``, ``per_item.csv``, ``summary.csv``,
     ``ablation.csv``, ``replay_losses.csv``, ``ablation_heatmap.{png,pdf}`` and ``replay_loss.{png,pdf}``."""
     config = replace(config, strategies=("rlvr", "replay"))
     interventions = grid_interventions(grid, config, pair.n_layers, select)
-    per_item = run_settings(pair, samples, interventions, config, out_dir, resume, progress, verify)
+    per_item = run_settings(pair, samples, interventions, config, out_dir, resume, progress, verify, shard)
+    if per_item is None:  # a shard of a data-parallel run: the merge tabulates
+        return None
     summary = summarise(per_item, config.ks, config.n_boot, config.seed)
     ablation = ablation_table(per_item, summary)
     losses = loss_curves(per_item)

@@ -21,7 +21,18 @@ from collections.abc import Sequence
 from lens.errors import ReplayLensError
 
 #: Subcommand modules under lens.commands; each defines ``register(subparsers)``.
-COMMANDS = ("drift", "eval", "intervene", "replay", "perturb", "plot", "export", "organism", "reproduce")
+COMMANDS = (
+    "drift",
+    "eval",
+    "intervene",
+    "replay",
+    "perturb",
+    "merge",
+    "plot",
+    "export",
+    "organism",
+    "reproduce",
+)
 
 _OS_ERRORS = {
     errno.ENOSPC: "no space left on device",

@@ -44,75 +44,50 @@ def _strip(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-class RecordWriter:
-    """Append-only JSONL of per-sample records, keyed by ``sample_id``.
+class RecordLog:
+    """A record file read-only: its current records under given settings, fingerprint and inputs.
+
+    The reading half of :class:`RecordWriter`, with the same checks; it takes no lock and changes
+    nothing (a torn last line is ignored, not cut off). Sharded runs read the main folder's log this
+    way, and :mod:`lens.distributed` merges shard logs with it.
 
     Args:
-        path: The JSONL file.
-        resume: Keep existing records and skip their samples; otherwise start afresh (the old file is
-            replaced when the first new record is written, not before).
-        settings: What the records depend on (model names, config). Resuming with different settings
-            is refused, because the old records would silently be mixed with new ones.
-        fingerprint: Checkpoint identities, dtype and device type (:mod:`lens.fingerprint`); resuming
-            with another one is refused, naming what changed.
-        inputs: ``{record key: digest of the sample's inputs}``. On resume, a record whose digest
-            differs is superseded: its sample is recomputed and the old line dropped.
+        path: The JSONL file (it need not exist).
+        settings: What the records depend on; stored records with other settings are refused.
+        fingerprint: Checkpoint identities, dtype and device type; another one is refused.
+        inputs: ``{record key: digest of the sample's inputs}``: a record whose digest differs is
+            not current.
 
     Raises:
-        ConfigError: On resume, when ``settings`` or ``fingerprint`` differ from the stored ones.
-        OutputError: Another process is writing into the same folder.
+        ConfigError: ``settings`` or ``fingerprint`` differ from the stored ones.
+        DatasetError: A corrupt line.
     """
 
     def __init__(
         self,
         path: str | Path,
-        resume: bool = True,
         settings: dict[str, Any] | None = None,
         fingerprint: dict[str, Any] | None = None,
         inputs: Mapping[str, str] | None = None,
+        check: bool = True,
     ) -> None:
-        from lens import outdir
-
         self.path = Path(path)
-        self.settings_path = self.path.with_name(self.path.stem + ".settings.json")
+        self.settings_path = settings_path(self.path)
         self.inputs = {str(k): v for k, v in (inputs or {}).items()}
         self.done: set[str] = set()
         self._settings = _canonical(settings)
         self._fingerprint = _canonical(fingerprint)
-        content = (
-            None if fingerprint is None else without_paths(self._fingerprint)
-        )  # a moved checkpoint is the same
-        stamp = json.dumps([self._settings, content], sort_keys=True)
-        self._run = (
-            None
-            if settings is None and fingerprint is None
-            else hashlib.sha256(stamp.encode()).hexdigest()[:16]
-        )
+        self._run = run_stamp(self._settings, self._fingerprint)
         self._keep: list[tuple[int, int]] | None = None  # byte ranges to keep when the file is replaced
-        self._settings_written = False
-        outdir.claim(self.path.parent)
-        self._finalizer = weakref.finalize(self, outdir.release, self.path.parent)
-        try:
-            if self.path.exists() and resume:
-                self._check_stored()
-                self._recover()
-            elif self.path.exists():
-                self._keep = []  # --no-resume: the old file goes when the first new record is written
-        except BaseException:
-            self.close()
-            raise
+        if check and self.path.exists():
+            self._check_stored()
+            self._scan(truncate=False)
 
     # -- resume ---------------------------------------------------------------------------------
     def _check_stored(self) -> None:
         if self._settings is None and self._fingerprint is None:
             return
-        stored_settings, stored_fingerprint = None, None
-        if self.settings_path.exists():
-            stored = json.loads(self.settings_path.read_text(encoding="utf-8"))
-            if isinstance(stored, dict) and set(stored) == {"settings", "fingerprint"}:
-                stored_settings, stored_fingerprint = stored["settings"], stored["fingerprint"]
-            else:  # written by replay-lens before fingerprints
-                stored_settings = stored
+        stored_settings, stored_fingerprint = read_settings(self.settings_path)
         hint = "rerun with --no-resume or use another output folder"
         if self._settings is not None and stored_settings is not None and stored_settings != self._settings:
             keys = set(stored_settings) | set(self._settings)
@@ -132,10 +107,10 @@ class RecordWriter:
                     f"{self.path} holds records made with other models: {'; '.join(changes)}; {hint}"
                 )
 
-    def _recover(self) -> None:
+    def _scan(self, truncate: bool) -> None:
         raw = self.path.read_bytes()
         good = raw.rfind(b"\n") + 1  # everything after the last newline is a torn write
-        if good != len(raw):
+        if truncate and good != len(raw):
             with open(self.path, "r+b") as fh:
                 fh.truncate(good)
         keep: list[tuple[int, int]] = []
@@ -167,6 +142,108 @@ class RecordWriter:
     def __contains__(self, sample_id: str) -> bool:
         return str(sample_id) in self.done
 
+    # -- reading --------------------------------------------------------------------------------
+    def lines(self) -> dict[str, dict[str, Any]]:
+        """The current record of every done key as stored (writer fields included), in the run's
+        order (that of ``inputs``), then file order; the last line of a key wins."""
+        latest: dict[str, dict[str, Any]] = {}
+        for record in iter_records(self.path):
+            key = str(record["sample_id"])
+            if key in self.done and self._current(key, record):
+                latest[key] = record
+        if self.inputs:
+            order = {key: i for i, key in enumerate(self.inputs)}
+            latest = dict(sorted(latest.items(), key=lambda item: order.get(item[0], len(order))))
+        return latest
+
+    def _latest(self) -> dict[str, dict[str, Any]]:
+        """The record of every current key, in the run's order (that of ``inputs``), then file order.
+
+        The run's order makes a resumed run's tables equal an uninterrupted run's, even when
+        superseded samples were recomputed (and so appended) last.
+        """
+        return {key: _strip(record) for key, record in self.lines().items()}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(list(self._latest().values()))
+
+    def read(self, sample_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The records of ``sample_ids`` (in the run's order), e.g. this run's subset of a larger file."""
+        wanted = {str(i) for i in sample_ids}
+        return [r for k, r in self._latest().items() if k in wanted]
+
+
+class RecordWriter(RecordLog):
+    """Append-only JSONL of per-sample records, keyed by ``sample_id``.
+
+    Args:
+        path: The JSONL file.
+        resume: Keep existing records and skip their samples; otherwise start afresh (the old file is
+            replaced when the first new record is written, not before).
+        settings: What the records depend on (model names, config). Resuming with different settings
+            is refused, because the old records would silently be mixed with new ones.
+        fingerprint: Checkpoint identities, dtype and device type (:mod:`lens.fingerprint`); resuming
+            with another one is refused, naming what changed.
+        inputs: ``{record key: digest of the sample's inputs}``. On resume, a record whose digest
+            differs is superseded: its sample is recomputed and the old line dropped.
+        shard: In a sharded run (:mod:`lens.distributed`), this process's shard: records go to the
+            shard's own folder under ``path``'s, keys of other shards are not this process's to
+            compute (:meth:`todo`), and keys done in the main log are skipped.
+
+    Raises:
+        ConfigError: On resume, when ``settings`` or ``fingerprint`` differ from the stored ones.
+        OutputError: Another process is writing into the same folder.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        resume: bool = True,
+        settings: dict[str, Any] | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        inputs: Mapping[str, str] | None = None,
+        shard: Any = None,
+    ) -> None:
+        from lens import outdir
+
+        self.shard = shard
+        self.main: RecordLog | None = None
+        if shard is not None:
+            # Keys the main folder already holds (a single-process run, an earlier merge) are done.
+            if resume:
+                self.main = RecordLog(path, settings, fingerprint, inputs)
+            path = shard.folder(Path(path).parent) / Path(path).name
+        super().__init__(path, settings, fingerprint, inputs, check=False)
+        self._settings_written = False
+        outdir.claim(self.path.parent)
+        self._finalizer = weakref.finalize(self, outdir.release, self.path.parent)
+        try:
+            if self.path.exists() and resume:
+                self._check_stored()
+                self._scan(truncate=True)
+            elif self.path.exists():
+                self._keep = []  # --no-resume: the old file goes when the first new record is written
+        except BaseException:
+            self.close()
+            raise
+
+    def todo(self, key: str) -> bool:
+        """Whether this process still has to compute ``key``: not yet done, and (in a sharded run)
+        this shard's and not already in the main folder's log."""
+        key = str(key)
+        if key in self.done:
+            return False
+        if self.shard is None:
+            return True
+        if self.main is not None and key in self.main:
+            return False
+        return self.shard.owns_key(key, self.inputs)
+
+    @property
+    def partial(self) -> bool:
+        """True in a sharded run: this log holds one shard's records, not the run's."""
+        return self.shard is not None
+
     # -- writing --------------------------------------------------------------------------------
     def write(self, sample_id: str, record: dict[str, Any]) -> None:
         """Append one sample's record and make it durable before returning."""
@@ -189,8 +266,9 @@ class RecordWriter:
 
     def _write_settings(self) -> None:
         if self._settings is not None or self._fingerprint is not None:
-            text = json.dumps({"settings": self._settings, "fingerprint": self._fingerprint}, indent=1)
-            atomic_write(self.settings_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            write_settings(self.settings_path, self._settings, self._fingerprint)
+        if self.shard is not None:
+            self.shard.write_manifest(self.path.parent, self.inputs, fresh=self.main is None)
         self._settings_written = True
 
     def _append(self, line: bytes) -> None:
@@ -231,30 +309,38 @@ class RecordWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- reading --------------------------------------------------------------------------------
-    def _latest(self) -> dict[str, dict[str, Any]]:
-        """The record of every current key, in the run's order (that of ``inputs``), then file order.
 
-        The run's order makes a resumed run's tables equal an uninterrupted run's, even when
-        superseded samples were recomputed (and so appended) last.
-        """
-        latest: dict[str, dict[str, Any]] = {}
-        for record in iter_records(self.path):
-            key = str(record["sample_id"])
-            if key in self.done and self._current(key, record):
-                latest[key] = _strip(record)
-        if self.inputs:
-            order = {key: i for i, key in enumerate(self.inputs)}
-            latest = dict(sorted(latest.items(), key=lambda item: order.get(item[0], len(order))))
-        return latest
+def settings_path(log: str | Path) -> Path:
+    """Where a record log's settings and fingerprint are stored: ``records.jsonl`` -> ``records.settings.json``."""
+    log = Path(log)
+    return log.with_name(log.stem + ".settings.json")
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(list(self._latest().values()))
 
-    def read(self, sample_ids: Iterable[str]) -> list[dict[str, Any]]:
-        """The records of ``sample_ids`` (in the run's order), e.g. this run's subset of a larger file."""
-        wanted = {str(i) for i in sample_ids}
-        return [r for k, r in self._latest().items() if k in wanted]
+def read_settings(path: str | Path) -> tuple[Any, Any]:
+    """``(settings, fingerprint)`` of a settings file (``(None, None)`` when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(stored, dict) and set(stored) == {"settings", "fingerprint"}:
+        return stored["settings"], stored["fingerprint"]
+    return stored, None  # written by replay-lens before fingerprints
+
+
+def write_settings(path: str | Path, settings: Any, fingerprint: Any) -> None:
+    """Store a log's settings and fingerprint, atomically."""
+    text = json.dumps({"settings": settings, "fingerprint": fingerprint}, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def run_stamp(settings: Any, fingerprint: Any) -> str | None:
+    """The digest each record carries of the settings and models it was made with (paths aside: a
+    moved checkpoint is the same)."""
+    if settings is None and fingerprint is None:
+        return None
+    content = None if fingerprint is None else without_paths(fingerprint)
+    stamp = json.dumps([settings, content], sort_keys=True)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,20 @@ def add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="device, e.g. cuda:0 (default: cpu)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        choices=["auto", "balanced", "sequential"],
+        help="spread each model over this process's GPUs (accelerate), for pairs too large for one",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="compute shard I of N (records I, I+N, ...) into OUT/shards/, for job arrays; the last "
+        "shard to finish merges (or `lens merge OUT`). Under torchrun/accelerate launch the ranks "
+        "split the run without this option",
     )
 
 
@@ -107,6 +122,25 @@ def check_run_options(args: argparse.Namespace) -> None:
     check_device(getattr(args, "device", None))
     if getattr(args, "out", None) is not None:
         check_writable(args.out, "--out")
+    check_shard(args)
+
+
+def check_shard(args: argparse.Namespace) -> None:
+    """Resolve this process's shard (``--shard``, or torchrun's environment) into ``args.shard_spec``.
+
+    Raises:
+        ConfigError: A malformed ``--shard``, ``--shard`` under a launcher, or unmerged shards of
+            another split in ``--out``.
+    """
+    from lens import distributed
+
+    shard = distributed.resolve(getattr(args, "shard", None))
+    if shard is not None and getattr(args, "out", None) is not None:
+        distributed.check_out(args.out, shard)
+        device = shard.device(getattr(args, "device", None))
+        if device != getattr(args, "device", None):
+            check_device(device)
+    args.shard_spec = shard
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -415,11 +449,60 @@ def image_size_problem(image: Any, processor: Any) -> str | None:
     return None
 
 
-def load_pair_from_args(args: argparse.Namespace) -> Any:
-    """Load the pair named by the arguments (after :func:`check_run_options` and :func:`inspect_pair`)."""
+def load_pair_from_args(args: argparse.Namespace, device: str | None = None) -> Any:
+    """Load the pair named by the arguments (after :func:`check_run_options` and :func:`inspect_pair`).
+
+    Args:
+        args: The parsed options.
+        device: Overrides ``--device`` (a launched rank's own GPU).
+    """
     from lens.loading import load_pair
 
     apply_threads(args)
     if args.base != "organism" and args.rlvr is None:
         raise ConfigError("--rlvr is required when --base is a checkpoint folder")
-    return load_pair(args.base, args.rlvr, dtype=args.dtype, device=args.device)
+    return load_pair(
+        args.base,
+        args.rlvr,
+        dtype=args.dtype,
+        device=device or args.device,
+        device_map=getattr(args, "device_map", None),
+    )
+
+
+def run_job(args: argparse.Namespace, work: Callable[[Any, bool, Any], Any], resume: bool) -> Any:
+    """Claim ``--out``, load the pair and run ``work(pair, resume, shard)``; in a sharded run, merge.
+
+    Single process: ``work`` runs with ``shard=None`` and returns the run's result. Sharded
+    (``--shard``, torchrun, accelerate launch): this process claims its shard folder, ``work``
+    computes its records there (returning ``None``), and :func:`lens.distributed.finish` merges when
+    this process is the one to (rank 0, or the last ``--shard`` job); that process then runs
+    ``work`` once more on the merged records, which computes nothing and writes the tables.
+
+    Returns:
+        The result, or ``None`` in a shard process that did not merge.
+    """
+    from lens import distributed
+    from lens.outdir import OutputFolder
+
+    shard = getattr(args, "shard_spec", None)
+    if shard is None:
+        with OutputFolder(args.out):
+            return work(load_pair_from_args(args), resume, None)
+    with OutputFolder(shard.folder(args.out), "--out"):
+        pair = load_pair_from_args(args, device=shard.device(args.device))
+        work(pair, resume, shard)
+    report = distributed.finish(args.out, shard)
+    if report is None:
+        merger = (
+            "rank 0 merges" if shard.launched else "the last shard to finish merges (or run `lens merge OUT`)"
+        )
+        print(f"shard {shard}: its records are in {shard.folder(args.out)}; {merger}", file=sys.stderr)
+        return None
+    print(
+        f"merged {len(report.shards)} shard(s) into {args.out}: {report.merged} new records, "
+        f"{report.kept} kept from earlier runs",
+        file=sys.stderr,
+    )
+    with OutputFolder(args.out):
+        return work(pair, True, None)

@@ -12,9 +12,9 @@ from lens.commands.common import (
     check_run_options,
     check_samples,
     inspect_pair,
-    load_pair_from_args,
     parse_layers,
     read_dataset,
+    run_job,
 )
 
 
@@ -67,7 +67,6 @@ def load_samples(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.kl_drift import DriftConfig, run_drift, summary_table
-    from lens.outdir import OutputFolder
 
     check_run_options(args)
     config = DriftConfig(n_buckets=args.buckets, layers=parse_layers(args.layers))
@@ -76,12 +75,18 @@ def run(args: argparse.Namespace) -> int:
     check_layers(config.layers, spec.n_layers)
     check_samples(samples, spec, args.data)
     check_resume(Path(args.out) / "records.jsonl", spec, args)
-    with OutputFolder(args.out):
-        pair = load_pair_from_args(args)
-        title = f"{pair.names[0]} → {pair.names[1]}"
-        result = run_drift(
-            pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title, csv=args.csv
+    titles = []
+
+    def work(pair, resume, shard):
+        titles.append(f"{pair.names[0]} → {pair.names[1]}")
+        return run_drift(
+            pair, samples, args.out, config, resume, progress=True, title=titles[0], csv=args.csv, shard=shard
         )
+
+    result = run_job(args, work, resume=not args.no_resume)
+    if result is None:
+        return 0
+    title = titles[0]
     out = Path(args.out)
     print(f"\nKL(P_base || P_rlvr) by base-entropy bucket (1 = lowest), {len(samples)} samples, {title}:")
     print(summary_table(result).to_string(float_format=lambda x: f"{x:.4f}"))

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_pair_arguments(parser)
     parser.add_argument(
-        "--pair", default=None, help=argparse.SUPPRESS  # older spelling of --base organism
+        "--pair",
+        default=None,
+        help=argparse.SUPPRESS,  # older spelling of --base organism
     )
     add_data_arguments(parser, items_help="items (default: all of --data, 500 organism items)")
     add_decoding_arguments(parser)
@@ -92,10 +94,9 @@ def run_pair_eval(args: argparse.Namespace) -> int:
         check_samples,
         check_scoring,
         inspect_pair,
-        load_pair_from_args,
         read_items,
+        run_job,
     )
-    from lens.outdir import OutputFolder
 
     if args.n < 0:
         raise ConfigError(f"--n must be >= 0, got {args.n}")
@@ -119,13 +120,22 @@ def run_pair_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_resume(out / "records.jsonl", spec, args)
     apply_threads(args)
-    with OutputFolder(out):
-        pair = load_pair_from_args(args)
+    titles = []
+
+    def work(pair, resume, shard):
         interventions = [(s, make_intervention(s, config, pair.n_layers)) for s in config.strategies]
-        runs = run_settings(pair, samples, interventions, config, out, resume=not args.fresh, progress=True)
+        runs = run_settings(pair, samples, interventions, config, out, resume, progress=True, shard=shard)
+        if runs is None:
+            return None
         result = summarise_runs(runs, ks, seed=args.seed)
-        title = f"{pair.names[0]} → {pair.names[1]}, {len(samples)} items"
-        write_outputs(result, out, title=title)
+        titles.append(f"{pair.names[0]} → {pair.names[1]}, {len(samples)} items")
+        write_outputs(result, out, title=titles[0])
+        return result
+
+    result = run_job(args, work, resume=not args.fresh)
+    if result is None:
+        return 0
+    title = titles[0]
     print(f"\n{title}; value [95% bootstrap CI]:")
     print(wide_table(result.summary).to_string())
     print_differences(result)

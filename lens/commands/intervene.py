@@ -16,9 +16,9 @@ from lens.commands.common import (
     check_scoring,
     check_topk,
     inspect_pair,
-    load_pair_from_args,
     parse_layers,
     read_items,
+    run_job,
 )
 
 #: Strategies that act on visual tokens, so every item needs an image.
@@ -148,17 +148,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.intervention import run_interventions, wide_table
-    from lens.outdir import OutputFolder
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     config = run_config(args, strategies)
     samples = check_before_loading(args, config, strategies)
-    with OutputFolder(args.out):
-        pair = load_pair_from_args(args)
-        title = f"{pair.names[0]} → {pair.names[1]}"
-        result = run_interventions(
-            pair, samples, args.out, config, resume=not args.no_resume, progress=True, title=title
+    titles = []
+
+    def work(pair, resume, shard):
+        titles.append(f"{pair.names[0]} → {pair.names[1]}")
+        return run_interventions(
+            pair, samples, args.out, config, resume=resume, progress=True, title=titles[0], shard=shard
         )
+
+    result = run_job(args, work, resume=not args.no_resume)
+    if result is None:
+        return 0
+    title = titles[0]
     print(f"\n{len(samples)} items, {title}, mask {config.mask.describe()}; value [95% bootstrap CI]:")
     print(wide_table(result.summary).to_string())
     print(f"\nwrote {Path(args.out)}/summary.csv, per_item.csv, records.jsonl, pass_at_k.png")

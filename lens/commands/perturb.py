@@ -12,8 +12,8 @@ from lens.commands.common import (
     check_run_options,
     check_samples,
     inspect_pair,
-    load_pair_from_args,
     parse_layers,
+    run_job,
 )
 from lens.commands.intervene import add_mask_arguments
 
@@ -77,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     from analyses.perturbation import check_samples as check_study_samples
     from lens.commands.drift import load_samples
     from lens.errors import ConfigError
-    from lens.outdir import OutputFolder
 
     check_run_options(args)
     if "{answer}" not in args.response_format:
@@ -101,20 +100,27 @@ def run(args: argparse.Namespace) -> int:
     check_layers(config.layers, spec.n_layers)
     check_samples(samples, spec, args.data, needs_image="perturbation of the image")
     check_resume(Path(args.out) / "records.jsonl", spec, args)
-    with OutputFolder(args.out):
-        pair = load_pair_from_args(args)
-        title = f"{pair.names[0]} → {pair.names[1]}"
-        result = run_perturbation(
+    titles = []
+
+    def work(pair, resume, shard):
+        titles.append(f"{pair.names[0]} → {pair.names[1]}")
+        return run_perturbation(
             pair,
             samples,
             args.out,
             config,
             formatter=lambda answer: args.response_format.format(answer=answer),
             incorrect=supplied,
-            resume=not args.no_resume,
+            resume=resume,
             progress=True,
-            title=title,
+            title=titles[0],
+            shard=shard,
         )
+
+    result = run_job(args, work, resume=not args.no_resume)
+    if result is None:
+        return 0
+    title = titles[0]
     out = Path(args.out)
     sources = result.table.drop_duplicates("sample_id")["incorrect_source"].value_counts().to_dict()
     print(f"\n{len(samples)} samples, {title}; incorrect answers from: {sources}")

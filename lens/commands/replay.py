@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lens.commands.common import add_pair_arguments, load_pair_from_args
+from lens.commands.common import add_pair_arguments, run_job
 from lens.commands.intervene import add_run_arguments, check_before_loading, parse_floats, run_config
 
 
@@ -37,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from analyses.replay import ReplayGrid, run_replay_grid
-    from lens.outdir import OutputFolder
 
     config = run_config(args, ("rlvr", "replay"))
     if args.grid:
@@ -49,20 +48,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         grid = ReplayGrid((args.tau,), (args.alpha,), (args.quantile,))
     samples = check_before_loading(args, config, ("rlvr", "replay-high" if args.high else "replay"))
-    with OutputFolder(args.out):
-        pair = load_pair_from_args(args)
-        title = f"{pair.names[0]} → {pair.names[1]}"
-        result = run_replay_grid(
+    titles = []
+
+    def work(pair, resume, shard):
+        titles.append(f"{pair.names[0]} → {pair.names[1]}")
+        return run_replay_grid(
             pair,
             samples,
             args.out,
             grid,
             config,
             select="high" if args.high else "low",
-            resume=not args.no_resume,
+            resume=resume,
             progress=True,
-            title=title,
+            title=titles[0],
+            shard=shard,
         )
+
+    result = run_job(args, work, resume=not args.no_resume)
+    if result is None:
+        return 0
+    title = titles[0]
     axis = "quantile" if config.mask_rule == "quantile" else "tau"
     columns = [axis, "alpha", "greedy_pass@1", "ci_low", "ci_high", "delta_vs_rlvr", "delta_ci_low",
                "delta_ci_high", "mean_first_loss", "mean_final_loss"]  # fmt: skip

@@ -539,7 +539,7 @@ class ActivationReplay(Intervention):
         if not edits or self.config.residual != "float32" or not narrower_than_float32(dtype):
             return super()._install(model, adapter, states, batch, copies)
         if batch is None:  # one sample as is: every row shares its positions
-            (_, edit), = edits
+            ((_, edit),) = edits
             key: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = edit.positions
             offsets, n_tokens = edit.values, states[0].inputs.n_tokens
         else:
