@@ -28,6 +28,8 @@ class ArchitectureAdapter:
         unembed_path: Dotted path to the unembedding (``lm_head``).
         embed_path: Dotted path to the token embedding.
         multimodal: Whether the family takes images.
+        image_inputs: The family's image builder, a module of :mod:`lens.inputs` with an
+            ``expand_images`` function (``""`` for text-only families).
     """
 
     name: str
@@ -36,6 +38,7 @@ class ArchitectureAdapter:
     unembed_path: str
     embed_path: str
     multimodal: bool
+    image_inputs: str = ""
 
     model_types: ClassVar[tuple[str, ...]] = ()
 
@@ -64,6 +67,14 @@ class ArchitectureAdapter:
 
     def n_layers(self, model: nn.Module) -> int:
         return len(self.layers(model))
+
+    def image_builder(self) -> Any:
+        """The module that expands this family's image placeholders (see :mod:`lens.inputs`)."""
+        import importlib
+
+        if not self.image_inputs:
+            raise UnsupportedArchitectureError(f"{self.name} takes no images")
+        return importlib.import_module(f"lens.inputs.{self.image_inputs}")
 
     # -- config facts ----------------------------------------------------------------------------
     def text_config(self, config: Any) -> Any:
@@ -122,6 +133,7 @@ _QWEN_VL_PATHS = dict(
     unembed_path="lm_head",
     embed_path="model.language_model.embed_tokens",
     multimodal=True,
+    image_inputs="qwen_vl",
 )
 
 QWEN2_5_VL = QwenVLAdapter(name="Qwen2.5-VL", **_QWEN_VL_PATHS)

@@ -271,3 +271,23 @@ def test_torchrun_two_processes_merge_to_the_single_process_tables(single_drift,
     assert not (out / "shards").exists()
     assert tables(out) == tables(single_drift)
     assert record_keys(out) == record_keys(single_drift)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_merge_to_the_single_process_tables(single_drift, tmp_path):
+    pytest.importorskip("accelerate")
+    out = tmp_path / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    done = subprocess.run(
+        [*launch, "-m", "lens.cli", *DRIFT, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 0 merges" in done.stderr and "merged 2 shard(s)" in done.stderr
+    assert tables(out) == tables(single_drift)

@@ -1,11 +1,12 @@
 """Turn a chat (system prompt, user turns with images, optional response) into identical model
 inputs plus a token-role map.
 
-The Qwen-VL processor does three things: render the chat template with one ``<|image_pad|>`` per
-image, expand each placeholder to the image's number of merged patches, and tokenize. We do the
-same three steps here with the tokenizer and image processor directly, because the stock
-processor class cannot be built without torchvision; the tests check the tensors are identical
-to the processor's. Doing it ourselves also lets us keep character offsets, which give the role
+A VLM processor does three things: render the chat template with one placeholder per image,
+expand each placeholder to the image's number of visual tokens, and tokenize. We do the same three
+steps here with the tokenizer and image processor directly, because the stock processor classes
+cannot be built without torchvision; the tests check the tensors are identical to the processor's.
+The middle step is the family's: each adapter names its image builder, a module of this package
+(``qwen_vl`` for Qwen2-VL and Qwen2.5-VL) with an ``expand_images`` function. Doing it ourselves also lets us keep character offsets, which give the role
 of every token (visual, prompt text, chat template, response).
 
 Roles. Every token gets one of :data:`ROLES`:
@@ -450,24 +451,14 @@ def build_inputs(
         skeleton = "".join(p.marker for p in pieces)
 
     pixel_inputs: dict[str, torch.Tensor] = {}
-    grids: list[tuple[int, int, int]] = []
-    merge = 1
+    grids: tuple[tuple[int, int, int], ...] = ()
+    merge, expected = 1, 0
     if pil_images:
-        processed = image_processor(images=pil_images, return_tensors="pt")
-        pixel_inputs = {
-            "pixel_values": processed["pixel_values"],
-            "image_grid_thw": processed["image_grid_thw"],
-        }
-        grids = [tuple(int(x) for x in g) for g in processed["image_grid_thw"]]
-        merge = int(getattr(image_processor, "merge_size", 1))
-        pad = tokenizer.convert_ids_to_tokens(int(config.image_token_id))
-        slots = skeleton.split(pad)
-        if len(slots) - 1 != len(grids):
-            raise InputError(f"the chat template placed {len(slots) - 1} image slots for {len(grids)} images")
-        expanded = slots[0]
-        for (t, h, w), rest in zip(grids, slots[1:], strict=True):
-            expanded += pad * (t * h * w // (merge * merge)) + rest
-        skeleton = expanded
+        expansion = adapter.image_builder().expand_images(
+            skeleton, pil_images, image_processor, tokenizer, config
+        )
+        skeleton, pixel_inputs = expansion.skeleton, expansion.pixel_inputs
+        grids, merge, expected = expansion.grids, expansion.merge, expansion.n_visual
 
     text, spans = _fill(skeleton, pieces)
     response_span = None
@@ -500,7 +491,6 @@ def build_inputs(
         roles.append(spans[k][2] if inside else ROLE_TEMPLATE)
 
     n_visual = roles.count(ROLE_VISUAL)
-    expected = sum(t * h * w // (merge * merge) for t, h, w in grids)
     if n_visual != expected:
         raise InputError(f"tokenized {n_visual} visual tokens but the images need {expected}")
 
@@ -513,4 +503,4 @@ def build_inputs(
     if device is not None:
         model_inputs = {k: v.to(device) for k, v in model_inputs.items()}
     tokens = tuple(tokenizer.convert_ids_to_tokens(input_ids[0].tolist()))
-    return PairInputs(model_inputs, tuple(roles), tokens, tuple(grids), merge, response_start)
+    return PairInputs(model_inputs, tuple(roles), tokens, grids, merge, response_start)
