@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -26,4 +25,3 @@ class VisualExpansion:
     grids: tuple[tuple[int, int, int], ...] = ()
     merge: int = 1
     n_visual: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
