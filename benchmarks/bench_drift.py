@@ -4,6 +4,7 @@ Usage:
     python benchmarks/bench_drift.py                        # CPU: hidden 512, 4 layers, ~1,000 tokens
     python benchmarks/bench_drift.py --device cuda --dtype bfloat16 --real-shapes   # 7B shapes on a GPU
     python benchmarks/bench_drift.py --json runs/bench.json
+    python benchmarks/bench_drift.py --twins 3              # three twins in one run vs three pair runs
 
 Two randomly initialised models (vocabulary 152,064) read the same ~1,000-token input: a short text
 prompt plus one image sized to give most of the tokens as visual tokens. For each method we run a
@@ -18,6 +19,12 @@ A third measurement compares the lens's unembedding FLOP rate (``LogitLens.logit
 lens's own token chunks, 2·T·d·V per layer per model) with one plain ``x @ W.T`` of the same total shape.
 Peak memory: CPU from a sampler thread reading ``/proc/self/statm`` (RSS); CUDA from
 ``torch.cuda.max_memory_allocated``.
+
+``--twins N`` measures something else: a base and N twins read in one run
+(``lens.logit_lens.multi_lens``: every model forward and lens once per sample) against N separate
+pair runs (``pair_lens`` of the base with each twin), alternating in one process, on the same input.
+Only the base's forward and lens are shared, so the floor is (N+1)/(2N) of the separate time
+(0.67 for three twins); the target is 0.72. The outputs must be identical.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--token-chunk", type=int, default=None, help="lens token chunk (default: LensConfig's)")
+    p.add_argument("--twins", type=int, default=0, help="compare one run of N twins with N pair runs")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -111,8 +119,9 @@ class PeakMemory:
         return self.peak - self.base
 
 
-def build(args: argparse.Namespace):
-    """The pair (seeds 0 and 1) and one ~``args.tokens``-token input: prompt + one image."""
+def build(args: argparse.Namespace, n_models: int = 2):
+    """The pair (seeds 0 and 1) and one ~``args.tokens``-token input: prompt + one image; with
+    ``n_models > 2`` also the further twins (seeds 2, 3, ...), returned as a third item."""
     import numpy as np
     import torch
     from PIL import Image
@@ -142,12 +151,90 @@ def build(args: argparse.Namespace):
         attn_implementation="sdpa",
     )
     models = []
-    for seed in (0, 1):
+    for seed in range(n_models):
         model = tiny_qwen25vl(tok, seed=seed, **shapes)
         models.append(model.to(device=args.device, dtype=dtype))
     pair = ModelPair.from_models(models[0], models[1], tok, processor)
     inputs = pair.encode(prompt, [image])
+    if n_models > 2:
+        return pair, inputs, models[2:]
     return pair, inputs
+
+
+def twins_bench(args: argparse.Namespace) -> int:
+    """One run of a base and N twins (multi_lens) against N pair runs (pair_lens), side by side."""
+    import torch
+
+    from lens.logit_lens import LensConfig, multi_lens, pair_lens
+
+    torch.set_num_threads(args.threads)
+    pair, inputs, extra = build(args, n_models=args.twins + 1)
+    twins = {f"twin{i + 1}": m for i, m in enumerate([pair.rlvr, *extra])}
+    models = {"base": pair.base, **twins}
+    comparisons = [("base", name) for name in twins]
+    config = LensConfig() if args.token_chunk is None else LensConfig(token_chunk=args.token_chunk)
+
+    def together():
+        return multi_lens(models, pair.adapter, inputs, comparisons, config)
+
+    def separate():
+        return {c: pair_lens(pair.base, models[c[1]], pair.adapter, inputs, config) for c in comparisons}
+
+    short = pair.encode("Warm up.", [])
+    multi_lens(models, pair.adapter, short, comparisons, config)  # nnsight's one-off source parsing
+    times: dict[str, list[float]] = {"together": [], "separate": []}
+    outputs = {}
+    for i in range(args.repeats):
+        for name in ("together", "separate") if i % 2 == 0 else ("separate", "together"):
+            _sync(args.device)
+            t0 = time.perf_counter()
+            outputs[name] = (together if name == "together" else separate)()
+            _sync(args.device)
+            times[name].append(time.perf_counter() - t0)
+            print(f"  run {i + 1}/{args.repeats} {name:9s} {times[name][-1]:7.2f} s", file=sys.stderr)
+    diff = max(
+        float((getattr(outputs["together"][c], f) - getattr(outputs["separate"][c], f)).abs().max())
+        for c in comparisons
+        for f in ("base_entropy", "rlvr_entropy", "kl_base_rlvr")
+    )
+    t_together, t_separate = statistics.median(times["together"]), statistics.median(times["separate"])
+    ratio = t_together / t_separate
+    floor = (args.twins + 1) / (2 * args.twins)
+    summary = {
+        "config": {
+            "device": args.device,
+            "dtype": args.dtype,
+            "threads": args.threads,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "vocab": args.vocab,
+            "tokens": inputs.n_tokens,
+            "twins": args.twins,
+            "repeats": args.repeats,
+        },
+        "together_s": t_together,
+        "separate_s": t_separate,
+        "ratio": ratio,
+        "floor": floor,
+        "max_abs_diff": diff,
+        "targets_met": {"ratio<=0.72": ratio <= 0.72, "identical": diff == 0.0},
+    }
+    c = summary["config"]
+    print(
+        f"\nbench_drift --twins {args.twins}: {c['device']} {c['dtype']}, {c['threads']} thread(s); hidden "
+        f"{c['hidden']}, {c['layers']} layers, vocab {c['vocab']}; {c['tokens']} tokens; median of {c['repeats']}"
+    )
+    print(f"  {args.twins} pair runs       {t_separate:8.2f} s")
+    print(f"  one run of {args.twins} twins  {t_together:8.2f} s")
+    print(
+        f"  ratio {ratio:.3f} (floor {floor:.3f}, target <= 0.72: {'ok' if ratio <= 0.72 else 'MISSED'}); "
+        f"outputs identical: {diff == 0.0} (max |diff| {diff:.1e})"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if diff == 0.0 else 1
 
 
 def naive_lens(pair, inputs):
@@ -305,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
+    if args.twins:
+        return twins_bench(args)
     runs: dict[str, list[dict]] = {"naive": [], "streaming": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

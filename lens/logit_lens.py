@@ -9,7 +9,7 @@ memory does not grow with the number of layers and no ``[layers, tokens, vocab]`
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,6 +133,12 @@ def distribution_stats(
     """
     base_logp = torch.log_softmax(base_logits.float(), dim=-1)
     rlvr_logp = torch.log_softmax(rlvr_logits.float(), dim=-1)
+    return logp_stats(base_logp, rlvr_logp, topk)
+
+
+def logp_stats(base_logp: torch.Tensor, rlvr_logp: torch.Tensor, topk: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`distribution_stats` from float32 log-probabilities (computed once per model and
+    shared between the comparisons a model takes part in)."""
     base_p = base_logp.exp()
     stats = {
         "base_entropy": -(base_p * base_logp).sum(-1),
@@ -212,35 +218,88 @@ def pair_lens(
     Returns:
         Entropies of both models and KL(P_base ‖ P_rlvr) per (layer, token), float32 on the CPU.
     """
-    layers = _check_layers(config.layers, adapter.n_layers(rlvr))
-    base_hidden, _ = capture_residuals(base, adapter, inputs.model_inputs, layers)
-    rlvr_hidden, _ = capture_residuals(rlvr, adapter, inputs.model_inputs, layers)
-    base_lens, rlvr_lens = lens_of(base, adapter), lens_of(rlvr, adapter)
+    comparison = ("base", "rlvr")
+    return multi_lens({"base": base, "rlvr": rlvr}, adapter, inputs, [comparison], config)[comparison]
+
+
+def multi_lens(
+    models: Mapping[str, nn.Module],
+    adapter: ArchitectureAdapter,
+    inputs: PairInputs,
+    comparisons: Sequence[tuple[str, str]],
+    config: LensConfig = LensConfig(),
+) -> dict[tuple[str, str], LensResult]:
+    """The logit lens of several models of one family, compared pairwise on the same inputs.
+
+    Each model runs forward once and reads its lens once per (layer, token chunk), however many
+    comparisons it takes part in: a base with three twins costs four forwards and four lenses,
+    not six. Models run one at a time; their captured residuals are kept for the sample.
+
+    Args:
+        models: Models by name (e.g. ``{"base": b, "mm-eureka": a1, "vl-rethinker": a2}``).
+        adapter: Their family adapter.
+        inputs: Identical inputs for every model.
+        comparisons: ``(reference, other)`` names: each gives the reference's entropy, the other's
+            and KL(P_reference ‖ P_other), in the fields ``base_entropy``, ``rlvr_entropy`` and
+            ``kl_base_rlvr`` of its :class:`LensResult`.
+        config: Layers, chunking and top-k.
+
+    Returns:
+        One result per comparison, float32 on the CPU.
+
+    Raises:
+        ConfigError: A comparison names a model not in ``models``, or none is given.
+    """
+    if not comparisons:
+        raise ConfigError("no comparison requested")
+    names = list(dict.fromkeys(name for pair in comparisons for name in pair))
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise ConfigError(f"comparison names unknown model {unknown[0]!r}; models: {', '.join(models)}")
+    layers = _check_layers(config.layers, adapter.n_layers(models[names[-1]]))
+    hidden = {
+        name: capture_residuals(models[name], adapter, inputs.model_inputs, layers)[0] for name in names
+    }
+    lenses = {name: lens_of(models[name], adapter) for name in names}
     n_tokens = inputs.n_tokens
     shape = (len(layers), n_tokens)
-    out = {name: torch.empty(shape) for name in ("base_entropy", "rlvr_entropy", "kl_base_rlvr")}
-    topk_out: dict[str, torch.Tensor] = {}
+    out = {
+        pair: {name: torch.empty(shape) for name in ("base_entropy", "rlvr_entropy", "kl_base_rlvr")}
+        for pair in comparisons
+    }
+    topk_out: dict[tuple[str, str], dict[str, torch.Tensor]] = {pair: {} for pair in comparisons}
     with torch.no_grad():
         for li in range(len(layers)):
-            hb, hr = base_hidden[li], rlvr_hidden[li]
             for start in range(0, n_tokens, config.token_chunk):
                 stop = min(start + config.token_chunk, n_tokens)
-                stats = distribution_stats(
-                    base_lens.logits(hb[start:stop]), rlvr_lens.logits(hr[start:stop]), config.topk
-                )
-                for name, value in stats.items():
-                    if name.endswith(("_ids", "_probs")):
-                        if name not in topk_out:
-                            dtype = torch.long if name.endswith("_ids") else torch.float32
-                            topk_out[name] = torch.empty((*shape, config.topk), dtype=dtype)
-                        topk_out[name][li, start:stop] = value.cpu()
-                    else:
-                        out[name][li, start:stop] = value.cpu()
+                logp = {
+                    name: torch.log_softmax(lenses[name].logits(hidden[name][li][start:stop]).float(), dim=-1)
+                    for name in names
+                }
+                for pair in comparisons:
+                    for name, value in logp_stats(logp[pair[0]], logp[pair[1]], config.topk).items():
+                        if name.endswith(("_ids", "_probs")):
+                            if name not in topk_out[pair]:
+                                dtype = torch.long if name.endswith("_ids") else torch.float32
+                                topk_out[pair][name] = torch.empty((*shape, config.topk), dtype=dtype)
+                            topk_out[pair][name][li, start:stop] = value.cpu()
+                        else:
+                            out[pair][name][li, start:stop] = value.cpu()
+                del logp
             # Free each layer's activations as soon as it is read.
-            base_hidden[li] = rlvr_hidden[li] = None  # type: ignore[call-overload]
-    return LensResult(
-        layers, out["base_entropy"], out["rlvr_entropy"], out["kl_base_rlvr"], inputs.roles, topk_out or None
-    )
+            for name in names:
+                hidden[name][li] = None  # type: ignore[call-overload]
+    return {
+        pair: LensResult(
+            layers,
+            out[pair]["base_entropy"],
+            out[pair]["rlvr_entropy"],
+            out[pair]["kl_base_rlvr"],
+            inputs.roles,
+            topk_out[pair] or None,
+        )
+        for pair in comparisons
+    }
 
 
 def lens_self_check(model: nn.Module, adapter: ArchitectureAdapter, inputs: PairInputs) -> float:

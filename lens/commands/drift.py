@@ -12,6 +12,8 @@ from lens.commands.common import (
     check_run_options,
     check_samples,
     inspect_pair,
+    load_set_from_args,
+    model_set_options,
     parse_layers,
     read_dataset,
     run_job,
@@ -24,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="logit-lens KL drift by base entropy",
         description="Logit lens of both models; KL(P_base || P_rlvr) bucketed by base-entropy quantile.",
     )
-    add_pair_arguments(parser)
+    add_pair_arguments(parser, several=True)
     parser.add_argument("--data", default=None, help="JSONL dataset (default: the organism's held-out set)")
     parser.add_argument("--items", type=int, default=200, help="held-out items when --data is not given")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N samples (N >= 1)")
@@ -70,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_run_options(args)
     config = DriftConfig(n_buckets=args.buckets, layers=parse_layers(args.layers))
+    models = model_set_options(args)
     samples = load_samples(args)
+    if models is not None:
+        return run_set(args, config, models, samples)
     spec = inspect_pair(args)
     check_layers(config.layers, spec.n_layers)
     check_samples(samples, spec, args.data)
@@ -96,5 +101,40 @@ def run(args: argparse.Namespace) -> int:
     tables = "drift_buckets.csv, drift_spearman.csv" + (", drift_table.csv" if args.csv else "")
     print(
         f"\nwrote {out / 'kl_by_entropy.png'} (+.pdf), {tables}, records.jsonl + records/ (tidy table, Parquet)"
+    )
+    return 0
+
+
+def run_set(args: argparse.Namespace, config, models, samples: list) -> int:
+    """Drift of several twins against one base, or of consecutive stages (``--models``)."""
+    from analyses.set_drift import run_set_drift
+
+    check_layers(config.layers, models.spec.n_layers)
+    check_samples(samples, models.spec, args.data)
+    title = " / ".join(models.sources)
+
+    def work(model_set, resume, shard):
+        return run_set_drift(
+            model_set, samples, args.out, config, resume, progress=True, title=title, shard=shard
+        )
+
+    result = run_job(
+        args, work, not args.no_resume, load=lambda device: load_set_from_args(args, models, device)
+    )
+    if result is None:
+        return 0
+    print(f"\nKL(P_reference || P_twin) by reference-entropy bucket (1 = lowest), {len(samples)} samples:")
+    pooled = result.buckets[result.buckets["scope"] == "pooled"]
+    wide = pooled.pivot_table(
+        index=["comparison", "bucket"], columns="token_group", values="mean_kl", sort=False
+    )
+    wide.columns = [f"mean KL ({c})" for c in wide.columns]
+    print(wide.to_string(float_format=lambda x: f"{x:.4f}"))
+    rho = result.correlations[result.correlations["scope"] == "pooled"]
+    for _, row in rho.iterrows():
+        print(f"Spearman rho, {row['comparison']}, {row['token_group']} tokens: {row['spearman_rho']:+.3f}")
+    print(
+        f"\nwrote {Path(args.out) / 'kl_by_entropy.png'} (+.pdf), drift_buckets.csv, drift_spearman.csv "
+        "(a comparison column), records.jsonl + records/"
     )
     return 0

@@ -64,10 +64,13 @@ def plot_kl_by_entropy(buckets: pd.DataFrame, title: str | None = None, log_y: b
                 )
             n_buckets = int(sub["bucket"].max()) if len(sub) else 0
             ax.set_xticks(range(1, n_buckets + 1))
-            ax.set_xlabel("base-entropy quantile bucket (1 = lowest)")
+            # Stages (base→sft, sft→rl) are bucketed by their own reference, which is not always the base.
+            stages = "reference" in sub and sub["reference"].nunique() > 1
+            reference = "reference" if stages else "base"
+            ax.set_xlabel(f"{reference}-entropy quantile bucket (1 = lowest)")
             # With several comparisons (e.g. base→rlvr and base→control) the twin is not always RLVR.
             twin = r"\mathrm{rlvr}" if comparisons == [None] else r"\mathrm{twin}"
-            ax.set_ylabel(rf"mean KL($P_\mathrm{{base}}\,\|\,P_{twin}$) [nats]")
+            ax.set_ylabel(rf"mean KL($P_\mathrm{{{reference}}}\,\|\,P_{twin}$) [nats]")
             ax.set_title(_GROUP_TITLES.get(group, group))
             if log_y:
                 ax.set_yscale("log")
