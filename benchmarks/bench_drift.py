@@ -161,6 +161,17 @@ def build(args: argparse.Namespace, n_models: int = 2):
     return pair, inputs
 
 
+def working_memory(
+    n_models: int, layers: int, tokens: int, hidden: int, vocab: int, chunk: int, dtype_bytes: int
+) -> int:
+    """Bytes one sample needs in ``multi_lens`` beyond the weights: every model's captured residuals
+    (model dtype), then per token chunk every model's float32 log-probabilities plus about three
+    chunk-sized float32 temporaries (logits, probabilities, a product)."""
+    residuals = n_models * layers * tokens * hidden * dtype_bytes
+    chunk_rows = min(chunk, tokens)
+    return residuals + (n_models + 3) * chunk_rows * vocab * 4
+
+
 def twins_bench(args: argparse.Namespace) -> int:
     """One run of a base and N twins (multi_lens) against N pair runs (pair_lens), side by side."""
     import torch
@@ -192,6 +203,20 @@ def twins_bench(args: argparse.Namespace) -> int:
             _sync(args.device)
             times[name].append(time.perf_counter() - t0)
             print(f"  run {i + 1}/{args.repeats} {name:9s} {times[name][-1]:7.2f} s", file=sys.stderr)
+    # Working memory of one sample (the models and their float32 unembedding copies, built by the
+    # warm-up, are the baseline), against the estimate the README's 7B figure comes from.
+    import gc
+
+    outputs.clear()
+    gc.collect()
+    mem = PeakMemory(args.device)
+    mem.start()
+    outputs["together"] = together()
+    measured = mem.stop()
+    dtype_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    estimate = working_memory(args.twins + 1, args.layers, inputs.n_tokens, args.hidden, args.vocab,
+                              config.token_chunk, dtype_bytes)  # fmt: skip
+    outputs["separate"] = separate()
     diff = max(
         float((getattr(outputs["together"][c], f) - getattr(outputs["separate"][c], f)).abs().max())
         for c in comparisons
@@ -217,6 +242,7 @@ def twins_bench(args: argparse.Namespace) -> int:
         "ratio": ratio,
         "floor": floor,
         "max_abs_diff": diff,
+        "working_memory_mib": {"measured": measured / 2**20, "estimate": estimate / 2**20},
         "targets_met": {"ratio<=0.72": ratio <= 0.72, "identical": diff == 0.0},
     }
     c = summary["config"]
@@ -229,6 +255,10 @@ def twins_bench(args: argparse.Namespace) -> int:
     print(
         f"  ratio {ratio:.3f} (floor {floor:.3f}, target <= 0.72: {'ok' if ratio <= 0.72 else 'MISSED'}); "
         f"outputs identical: {diff == 0.0} (max |diff| {diff:.1e})"
+    )
+    print(
+        f"  one sample's working memory: measured {measured / 2**20:.0f} MiB, estimated {estimate / 2**20:.0f} MiB "
+        "(models and float32 unembedding copies excluded)"
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
