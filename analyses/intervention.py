@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ import pandas as pd
 
 from lens.decoding import DEFAULT_MAX_NEW_TOKENS, DecodingConfig, decoding_for
 from lens.errors import ConfigError, DatasetError
-from lens.fingerprint import pair_fingerprint, sample_digests
+from lens.fingerprint import models_fingerprint, pair_fingerprint, sample_digests
 from lens.interventions import ActivationReplay, Baseline, HardInjection, Intervention, Prepared
 from lens.masks import EntropyMask
 from lens.metrics import bootstrap_ci, paired_bootstrap_ci, pass_at_k_array
@@ -319,12 +319,17 @@ def run_settings(
     progress: bool = False,
     verify: Verifier | None = None,
     shard: Any = None,
+    pairs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame | None:
     """Run ``(strategy, intervention)`` pairs over ``samples``; return the per-item table.
 
     Records are keyed ``"<setting>/<item id>"``; with ``out_dir`` finished ones are skipped. With
     ``shard`` (a :class:`lens.distributed.Shard`), only that shard's records are computed, into its
     shard folder, and ``None`` is returned: the merge tabulates.
+
+    With ``pairs`` (several models: ``pair`` is then a :class:`lens.modelset.ModelSet`), each
+    strategy label names the :class:`lens.ModelPair` it runs on (e.g. the set's base and each twin),
+    and records are keyed ``"<label>/<setting>/<item id>"``.
     """
     if not samples:
         raise DatasetError("the dataset has no samples")
@@ -336,7 +341,12 @@ def run_settings(
     # An item the verifier cannot score (no answer, a choice item without options) fails before any decode.
     verifier = check_scorable(samples, verify if verify is not None else config.verifier)
     preset = get_preset(config.prompt or getattr(pair, "prompt_preset", None) or "plain")
-    decoding = config.decoding(pair)
+
+    def pair_of(strategy: str) -> Any:
+        return pair if pairs is None else pairs[strategy]
+
+    decodings = {strategy: config.decoding(pair_of(strategy)) for strategy, _ in interventions}
+    decoding = decodings[interventions[0][0]]
     if config.n and decoding.near_greedy_sampling:
         warnings.warn(
             f"sampling with temperature={decoding.temperature:g}, top_p={decoding.top_p:g}, "
@@ -347,6 +357,8 @@ def run_settings(
     # Settings that change what a record holds; strategies, ks, n_boot and batch_size do not (they
     # select, summarise or group the work). The effective decoding settings do.
     settings = {"pair": list(getattr(pair, "names", ())), **asdict(config), "decoding": decoding.to_dict()}
+    if pairs is not None:
+        settings["decoding"] = {strategy: d.to_dict() for strategy, d in decodings.items()}
     for key in ("strategies", "ks", "n_boot", "batch_size"):
         settings.pop(key)
     # The effective prompt (a preset named in a checkpoint side file counts) and the scorer's version:
@@ -355,10 +367,13 @@ def run_settings(
     writer = None
     if out_dir is not None:
         digests = sample_digests(samples)
-        inputs = {f"{i.setting()}/{sid}": d for _, i in interventions for sid, d in digests.items()}
-        writer = RecordWriter(
-            Path(out_dir) / "records.jsonl", resume, settings, pair_fingerprint(pair), inputs, shard
-        )
+        inputs = {
+            f"{_prefix(s, pairs)}{i.setting()}/{sid}": d
+            for s, i in interventions
+            for sid, d in digests.items()
+        }
+        models = pair_fingerprint(pair) if pairs is None else models_fingerprint(pair.models)
+        writer = RecordWriter(Path(out_dir) / "records.jsonl", resume, settings, models, inputs, shard)
     memory: list[dict[str, Any]] = []
     wanted: set[str] = set()
     total = len(samples) * len(interventions)
@@ -367,7 +382,7 @@ def run_settings(
         setting = intervention.setting()
         pending = []
         for index, sample in enumerate(samples):
-            key = f"{setting}/{sample.id}"
+            key = f"{_prefix(strategy, pairs)}{setting}/{sample.id}"
             wanted.add(key)
             if writer is not None and not writer.todo(key):
                 bar.update(1)
@@ -375,21 +390,22 @@ def run_settings(
                 pending.append((index, sample, key))
         for start in range(0, len(pending), config.batch_size):
             chunk = pending[start : start + config.batch_size]
+            on = pair_of(strategy)
             prepared = [
-                prepare_item(pair, sample, intervention, preset, config.system) for _, sample, _ in chunk
+                prepare_item(on, sample, intervention, preset, config.system) for _, sample, _ in chunk
             ]
-            greedy = decode_greedy(pair, intervention, prepared, decoding)
+            greedy = decode_greedy(on, intervention, prepared, decodings[strategy])
             for (index, sample, key), item, text in zip(chunk, prepared, greedy, strict=True):
                 record = {"strategy": strategy, "setting": setting, "greedy_batch": len(chunk)}
                 record.update(
                     run_item(
-                        pair,
+                        on,
                         sample,
                         intervention,
                         config,
                         verifier,
                         config.seed + index,
-                        decoding,
+                        decodings[strategy],
                         item,
                         text,
                     )
@@ -406,6 +422,11 @@ def run_settings(
             return None
     records = memory if writer is None else writer.read(wanted)
     return per_item_table(records)
+
+
+def _prefix(strategy: str, pairs: Mapping[str, Any] | None) -> str:
+    """Record keys of a several-model run start with the strategy's model label."""
+    return "" if pairs is None else f"{strategy}/"
 
 
 def per_item_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:

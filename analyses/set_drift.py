@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from analyses.kl_drift import DRIFT_SCHEMA, DriftConfig, DriftRecord, SampleLike, legacy_table
 from analyses.drift_stats import drift_statistics
+from analyses.kl_drift import DRIFT_SCHEMA, DriftConfig, DriftRecord, SampleLike, legacy_table
 from lens.datasets import check_images, sample_images
 from lens.errors import DatasetError, InputError
 from lens.fingerprint import models_fingerprint, sample_digests

@@ -119,7 +119,9 @@ NOTEBOOKS["01_kl_by_entropy"] = {
             "code",
             """
             import lens
-            from analyses.kl_drift import DriftConfig, run_drift
+            from analyses.kl_drift import DriftConfig
+            from analyses.set_drift import run_set_drift
+            from lens.modelset import load_models, organism_sources
             from lens import organism
             from lens.plot.drift import plot_kl_by_entropy
             from lens.plot.heatmaps import merged_grid, plot_layer_token_heatmaps, plot_visual_grid
@@ -159,13 +161,10 @@ NOTEBOOKS["01_kl_by_entropy"] = {
         (
             "code",
             """
-            results, frames = {}, []
-            for twin in organism.KNOWN_PAIRS:  # ("rlvr", "control")
-                twin_pair = pair if twin == "rlvr" else lens.load_pair("organism", twin)
-                result = run_drift(twin_pair, samples, RUN / twin, DriftConfig(), resume=False)
-                results[twin] = result
-                frames.append(result.buckets.assign(comparison=f"base → {twin}"))
-            buckets = pd.concat(frames, ignore_index=True)
+            # Both twins in one run: the base's forward and lens are shared, once per sample.
+            twins = load_models(organism_sources(organism.KNOWN_PAIRS), image_first=organism.IMAGE_FIRST)
+            result = run_set_drift(twins, samples, RUN / "twins", DriftConfig(), resume=False)
+            buckets = result.buckets
 
             pooled = buckets[buckets["scope"] == "pooled"].pivot_table(
                 index="bucket", columns=["token_group", "comparison"], values="mean_kl"
@@ -176,8 +175,7 @@ NOTEBOOKS["01_kl_by_entropy"] = {
         (
             "code",
             """
-            rhos = pd.concat([r.correlations.assign(comparison=f"base → {t}") for t, r in results.items()])
-            rhos.query("scope == 'pooled'")[["comparison", "token_group", "spearman_rho", "n"]]
+            result.correlations.query("scope == 'pooled'")[["comparison", "token_group", "spearman_rho", "n"]]
             """,
         ),
         (
@@ -201,7 +199,7 @@ NOTEBOOKS["01_kl_by_entropy"] = {
             "code",
             """
             # The tidy table stays in its Parquet shards; load only this sample's rows.
-            table = results["rlvr"].tidy.select([sample.id]).to_pandas()
+            table = result.tidy["base→rlvr"].select([sample.id]).to_pandas()
             fig = plot_layer_token_heatmaps(table, sample_id=sample.id, title=f"{sample.id}: {sample.question}")
             save(fig, "01_layer_token_heatmaps")
             """,

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bootstrap 95% CIs and paired CIs for twin - base. With no --rlvr, --data or prompt options on the "
         "organism, evaluates its three models (base, rlvr, control) on its held-out set.",
     )
-    add_pair_arguments(parser)
+    add_pair_arguments(parser, several=True)
     parser.add_argument(
         "--pair",
         default=None,
@@ -78,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``lens eval``."""
     if args.pair is not None and args.pair not in KNOWN_PAIRS:
         raise ConfigError(f"unknown pair {args.pair!r}; known pairs: {', '.join(KNOWN_PAIRS)}")
-    if organism_trio(args):
+    if organism_trio(args) and getattr(args, "models", None) is None:
         return run_organism_eval(args)
     return run_pair_eval(args)
 
@@ -94,6 +94,8 @@ def run_pair_eval(args: argparse.Namespace) -> int:
         check_samples,
         check_scoring,
         inspect_pair,
+        load_set_from_args,
+        model_set_options,
         read_items,
         run_job,
     )
@@ -113,26 +115,42 @@ def run_pair_eval(args: argparse.Namespace) -> int:
         system=args.system,
         verifier=args.verifier,
     )
+    models = model_set_options(args)
     samples = read_items(args, organism_default=500)
-    spec = inspect_pair(args)
+    spec = inspect_pair(args) if models is None else models.spec
     check_samples(samples, spec, args.data)
     check_scoring(samples, config.verifier)
     out = Path(args.out)
-    check_resume(out / "records.jsonl", spec, args)
+    if models is None:
+        check_resume(out / "records.jsonl", spec, args)
     apply_threads(args)
     titles = []
 
     def work(pair, resume, shard):
-        interventions = [(s, make_intervention(s, config, pair.n_layers)) for s in config.strategies]
-        runs = run_settings(pair, samples, interventions, config, out, resume, progress=True, shard=shard)
+        pairs = None
+        if models is None:
+            interventions = [(s, make_intervention(s, config, pair.n_layers)) for s in config.strategies]
+            base_name = "base"
+        else:  # the base decoded once, then every twin, each as it is
+            base_name, first = pair.comparisons[0]
+            pairs = {
+                base_name: pair.pair(base_name, first),
+                **{m: pair.pair(base_name, m) for m in pair.names[1:]},
+            }
+            interventions = [(base_name, make_intervention("base", config, pair.n_layers))]
+            interventions += [(m, make_intervention("rlvr", config, pair.n_layers)) for m in pair.names[1:]]
+        runs = run_settings(
+            pair, samples, interventions, config, out, resume, progress=True, shard=shard, pairs=pairs
+        )
         if runs is None:
             return None
-        result = summarise_runs(runs, ks, seed=args.seed)
-        titles.append(f"{pair.names[0]} → {pair.names[1]}, {len(samples)} items")
+        result = summarise_runs(runs, ks, base=base_name, seed=args.seed)
+        titles.append(f"{' / '.join(pair.names)}, {len(samples)} items")
         write_outputs(result, out, title=titles[0])
         return result
 
-    result = run_job(args, work, resume=not args.fresh)
+    load = None if models is None else (lambda device: load_set_from_args(args, models, device))
+    result = run_job(args, work, resume=not args.fresh, load=load)
     if result is None:
         return 0
     title = titles[0]
