@@ -41,6 +41,9 @@ class ArchitectureAdapter:
     image_inputs: str = ""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: Whether the model's forward takes ``input_ids`` together with ``inputs_embeds`` (Qwen-VL needs
+    #: the ids for its mRoPE positions; InternVL, like plain causal LMs, refuses both at once).
+    ids_with_embeds: ClassVar[bool] = True
 
     # -- module access -------------------------------------------------------------------------
     def _get(self, model: nn.Module, path: str) -> Any:
@@ -127,6 +130,37 @@ class QwenVLAdapter(ArchitectureAdapter):
         return {"mm_token_type_ids": image.long() + 2 * video.long()}  # int64, as the processor returns
 
 
+@dataclass(frozen=True)
+class InternVLAdapter(ArchitectureAdapter):
+    """InternVL 3 / 3.5 in the transformers-native ``-hf`` format (``InternVLForConditionalGeneration``),
+    with a Qwen2 (InternVL 3) or Qwen3 (InternVL 3.5) language model; both keep the same module tree.
+
+    Layer 0 input: the language model's ``inputs_embeds``, i.e. the token embeddings with the
+    projected image features (ViT -> pixel shuffle -> ``multi_modal_projector``) scattered into every
+    ``<IMG_CONTEXT>`` position, one row per token of every tile and of the thumbnail; no scaling is
+    applied after that. Replay's Δ and injection act there, at those positions only (``<img>`` and
+    ``</img>`` are template).
+
+    The config names only ``<IMG_CONTEXT>`` (``image_token_id``). InternVL checkpoints add ``<img>``,
+    ``</img>`` and ``<IMG_CONTEXT>`` as consecutive special tokens, in that order (151665-151667 in
+    InternVL 3; ``<IMG_CONTEXT>`` is 151671 in InternVL 3.5), so the delimiters are the two ids before
+    it; the image builder (:mod:`lens.inputs.internvl`) refuses a tokenizer for which that does not hold.
+    """
+
+    ids_with_embeds: ClassVar[bool] = False
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        # Videos are expanded into per-frame <img><IMG_CONTEXT>...</img> too: one id covers both.
+        return (int(config.image_token_id),)
+
+    def vision_special_ids(self, config: Any) -> tuple[int, ...]:
+        context = int(config.image_token_id)
+        return (context - 2, context - 1, context)
+
+
 _QWEN_VL_PATHS = dict(
     layers_path="model.language_model.layers",
     norm_path="model.language_model.norm",
@@ -138,6 +172,15 @@ _QWEN_VL_PATHS = dict(
 
 QWEN2_5_VL = QwenVLAdapter(name="Qwen2.5-VL", **_QWEN_VL_PATHS)
 QWEN2_VL = QwenVLAdapter(name="Qwen2-VL", **_QWEN_VL_PATHS)
+INTERNVL = InternVLAdapter(
+    name="InternVL",
+    layers_path="model.language_model.layers",
+    norm_path="model.language_model.norm",
+    unembed_path="lm_head",
+    embed_path="model.language_model.embed_tokens",
+    multimodal=True,
+    image_inputs="internvl",
+)
 CAUSAL_LM = ArchitectureAdapter(
     name="decoder-only causal LM (Qwen2/Llama-style)",
     layers_path="model.layers",
@@ -151,6 +194,7 @@ CAUSAL_LM = ArchitectureAdapter(
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen2_vl": QWEN2_VL,
+    "internvl": INTERNVL,
     "qwen2": CAUSAL_LM,
     "qwen3": CAUSAL_LM,
     "llama": CAUSAL_LM,

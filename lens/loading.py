@@ -187,6 +187,8 @@ _IMAGE_SETTINGS = (
     "patch_size",
     "merge_size",
     "temporal_patch_size",
+    "min_patches",  # InternVL / GOT-OCR2 dynamic tiling: the tile budget sets the visual token count
+    "max_patches",
     "do_resize",
     "resample",
     "do_rescale",

@@ -335,6 +335,8 @@ class _FastObjective:
         self.embeds = embeds[("in", 0)].unsqueeze(0)
         # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged.
         self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
+        if not pair.adapter.ids_with_embeds:
+            del self.forward_inputs["input_ids"]
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         config, lens, targets = self.config, self.lens, self.targets
