@@ -167,3 +167,27 @@ def test_an_incomparable_twin_is_named_before_loading(vl_dirs, other_shape_dir, 
     code, _, err = run_cli([*argv, "--out", str(tmp_path / "o")], capfd)
     assert code == 2 and f"'{other_shape_dir.name}' against" in err and "hidden size differs" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_two_twins_decodes_the_base_once_and_equals_pair_evals(tmp_path, capfd):
+    import json
+
+    argv = ["eval", "--items", "5", "--n", "2", "--k", "1,2", "--threads", "1"]
+    code, out, _ = run_cli(
+        [*argv, "--rlvr", "rlvr", "--rlvr", "control", "--out", str(tmp_path / "set")], capfd
+    )
+    assert code == 0 and "control  greedy_pass@1" in out
+    keys = [
+        json.loads(line)["sample_id"]
+        for line in (tmp_path / "set" / "records.jsonl").read_text().splitlines()
+    ]
+    assert len(keys) == len(set(keys)) == 15  # base once, then each twin: 3 x 5 items
+    together = pd.read_csv(tmp_path / "set" / "per_item.csv")
+    for twin in ("rlvr", "control"):
+        assert run_cli([*argv, "--rlvr", twin, "--out", str(tmp_path / twin)], capfd)[0] == 0
+        alone = pd.read_csv(tmp_path / twin / "per_item.csv")
+        alone["model"] = alone["model"].replace({"rlvr": twin})
+        for model in ("base", twin):
+            mine = together[together["model"] == model].reset_index(drop=True)
+            theirs = alone[alone["model"] == model].reset_index(drop=True)
+            pd.testing.assert_frame_equal(mine, theirs, check_like=True)
