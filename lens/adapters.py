@@ -41,9 +41,6 @@ class ArchitectureAdapter:
     image_inputs: str = ""
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    #: Whether the model's forward takes ``input_ids`` together with ``inputs_embeds`` (Qwen-VL needs
-    #: the ids for its mRoPE positions; InternVL, like plain causal LMs, refuses both at once).
-    ids_with_embeds: ClassVar[bool] = True
 
     # -- module access -------------------------------------------------------------------------
     def _get(self, model: nn.Module, path: str) -> Any:
@@ -147,8 +144,6 @@ class InternVLAdapter(ArchitectureAdapter):
     it; the image builder (:mod:`lens.inputs.internvl`) refuses a tokenizer for which that does not hold.
     """
 
-    ids_with_embeds: ClassVar[bool] = False
-
     def text_config(self, config: Any) -> Any:
         return config.text_config
 
@@ -159,6 +154,51 @@ class InternVLAdapter(ArchitectureAdapter):
     def vision_special_ids(self, config: Any) -> tuple[int, ...]:
         context = int(config.image_token_id)
         return (context - 2, context - 1, context)
+
+
+@dataclass(frozen=True)
+class Glm4vAdapter(ArchitectureAdapter):
+    """GLM-4.1V (``glm4v``) and GLM-4.5V (``glm4v_moe``), transformers 5.x module tree.
+
+    The chat template puts ``<|begin_of_image|><|image|><|end_of_image|>`` per image; the processor
+    repeats ``<|image|>`` once per merged patch (``t*h*w / merge²``). Video frames reuse ``<|image|>``
+    between ``<|begin_of_video|>`` and ``<|end_of_video|>``, so ``<|image|>`` is the only id that
+    carries visual features; ``<|video|>`` is a template placeholder that never reaches the model.
+
+    Layer 0 input: ``model.language_model.layers[0]``'s input, i.e. the token embeddings with the
+    vision tower's merged-patch features (already projected to the text width) scattered into the
+    ``<|image|>`` positions; GLM adds nothing to the residual before block 0 (positions enter as
+    3-D M-RoPE inside attention), so this is where Replay's Δ and injections act, as for Qwen-VL.
+    The last ``hidden_states`` entry is final-normed, as in Qwen-VL.
+    """
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id),)
+
+    def vision_special_ids(self, config: Any) -> tuple[int, ...]:
+        return tuple(
+            int(getattr(config, name))
+            for name in (
+                "image_token_id",
+                "video_token_id",
+                "image_start_token_id",
+                "image_end_token_id",
+                "video_start_token_id",
+                "video_end_token_id",
+            )
+        )
+
+    def extra_model_inputs(self, input_ids: torch.Tensor, config: Any) -> dict[str, torch.Tensor]:
+        # The model refuses image_grid_thw without mm_token_type_ids (it needs them for M-RoPE).
+        # As Glm4vProcessor builds them: 1 for <|image|>, 2 for <|image|> inside a video segment.
+        starts = (input_ids == int(config.video_start_token_id)).cumsum(-1)
+        ends = (input_ids == int(config.video_end_token_id)).cumsum(-1)
+        image = input_ids == int(config.image_token_id)
+        in_video = starts > ends
+        return {"mm_token_type_ids": (image & ~in_video).long() + 2 * (image & in_video).long()}
 
 
 _QWEN_VL_PATHS = dict(
@@ -181,6 +221,17 @@ INTERNVL = InternVLAdapter(
     multimodal=True,
     image_inputs="internvl",
 )
+_GLM4V_PATHS = dict(
+    layers_path="model.language_model.layers",
+    norm_path="model.language_model.norm",
+    unembed_path="lm_head",
+    embed_path="model.language_model.embed_tokens",
+    multimodal=True,
+    image_inputs="glm4v",
+)
+
+GLM4V = Glm4vAdapter(name="GLM-4.1V", **_GLM4V_PATHS)
+GLM4V_MOE = Glm4vAdapter(name="GLM-4.5V", **_GLM4V_PATHS)
 CAUSAL_LM = ArchitectureAdapter(
     name="decoder-only causal LM (Qwen2/Llama-style)",
     layers_path="model.layers",
@@ -195,6 +246,8 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen2_vl": QWEN2_VL,
     "internvl": INTERNVL,
+    "glm4v": GLM4V,
+    "glm4v_moe": GLM4V_MOE,
     "qwen2": CAUSAL_LM,
     "qwen3": CAUSAL_LM,
     "llama": CAUSAL_LM,

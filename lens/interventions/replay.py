@@ -335,8 +335,6 @@ class _FastObjective:
         self.embeds = embeds[("in", 0)].unsqueeze(0)
         # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged.
         self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
-        if not pair.adapter.ids_with_embeds:
-            del self.forward_inputs["input_ids"]
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         config, lens, targets = self.config, self.lens, self.targets
@@ -360,10 +358,13 @@ class _FastObjective:
         register = edit_input if config.variant == "released" else edit_output
         handles: list[RemovableHandle] = []
         with installed(handles):
-            handles.extend(stream.install(blocks))  # first, so the terms read what it has written
+            # The captured input of block 0 replaces the plain token embeddings there (a hook, not
+            # inputs_embeds=: GLM-4V refuses input_ids and inputs_embeds together).
+            handles.append(edit_input(blocks[0], lambda _: self.embeds))
+            handles.extend(stream.install(blocks))  # next, so the terms read what it has written
             handles.extend(register(blocks[L], term(L)) for L in self.layers)
             try:
-                self.model(**self.forward_inputs, inputs_embeds=self.embeds, use_cache=False)
+                self.model(**self.forward_inputs, use_cache=False)
             except _StopForward:
                 pass
         loss = torch.stack(terms).sum()
