@@ -191,3 +191,17 @@ def test_eval_of_two_twins_decodes_the_base_once_and_equals_pair_evals(tmp_path,
             mine = together[together["model"] == model].reset_index(drop=True)
             theirs = alone[alone["model"] == model].reset_index(drop=True)
             pd.testing.assert_frame_equal(mine, theirs, check_like=True)
+
+
+def test_replay_and_intervene_take_several_twins_one_folder_each(tmp_path, capfd):
+    argv = ["--rlvr", "rlvr", "--rlvr", "control", "--items", "2", "--n", "0", "--threads", "1"]
+    code, out, _ = run_cli(["replay", *argv, "--out", str(tmp_path / "r")], capfd)
+    assert code == 0 and "base → control" in out
+    ablation = pd.read_csv(tmp_path / "r" / "ablation.csv")
+    assert list(dict.fromkeys(ablation["comparison"])) == ["base→rlvr", "base→control"]
+    for twin in ("rlvr", "control"):
+        mine = ablation[ablation["twin"] == twin].drop(columns=SET_COLUMNS).reset_index(drop=True)
+        theirs = pd.read_csv(tmp_path / "r" / twin / "ablation.csv")
+        pd.testing.assert_frame_equal(mine, theirs)
+    code, _, err = run_cli(["intervene", *argv, "--shard", "0/2", "--out", str(tmp_path / "i")], capfd)
+    assert code == 2 and "one --rlvr per sharded run" in err and not (tmp_path / "i").exists()

@@ -637,3 +637,49 @@ def load_set_from_args(args: argparse.Namespace, models: SetSpec, device: str | 
         device_map=getattr(args, "device_map", None),
         image_first=image_first,
     )
+
+
+def run_comparisons(
+    args: argparse.Namespace, models: SetSpec, work: Callable[[Any, Path, bool], Any]
+) -> dict[tuple[str, str], Any]:
+    """Several twins in ``intervene``/``replay``: the models load once, and each comparison's run
+    (``work(pair, out, resume)``) goes to its own folder, ``OUT/<twin>`` (``OUT/<ref>-to-<twin>`` for
+    stages), with its own records and tables.
+
+    Raises:
+        ConfigError: Under ``--shard`` or a launcher (shard one twin per job instead).
+    """
+    from lens.outdir import OutputFolder
+
+    if getattr(args, "shard_spec", None) is not None:
+        raise ConfigError("several twins cannot be sharded in one run yet; give one --rlvr per sharded run")
+    results: dict[tuple[str, str], Any] = {}
+    with OutputFolder(args.out):
+        model_set = load_set_from_args(args, models)
+        for reference, other in model_set.comparisons:
+            folder = other if models.shape == "twins" else f"{reference}-to-{other}"
+            results[(reference, other)] = work(
+                model_set.pair(reference, other), Path(args.out) / folder, not args.no_resume
+            )
+    return results
+
+
+def write_comparison_tables(out: str | Path, tables: dict[str, dict[tuple[str, str], Any]]) -> None:
+    """Stack each table of every comparison with ``comparison``/``reference``/``twin`` columns into
+    ``OUT/<name>.csv``."""
+    import pandas as pd
+
+    from lens.modelset import label
+    from lens.records import write_tables
+
+    stacked = {}
+    for name, by_comparison in tables.items():
+        frames = []
+        for (reference, other), frame in by_comparison.items():
+            frame = frame.copy()
+            frame.insert(0, "twin", other)
+            frame.insert(0, "reference", reference)
+            frame.insert(0, "comparison", label((reference, other)))
+            frames.append(frame)
+        stacked[name] = pd.concat(frames, ignore_index=True)
+    write_tables(out, stacked)

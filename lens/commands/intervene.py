@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from lens.commands.common import (
     add_data_arguments,
@@ -16,10 +17,14 @@ from lens.commands.common import (
     check_scoring,
     check_topk,
     inspect_pair,
+    model_set_options,
     parse_layers,
     read_items,
+    run_comparisons,
     run_job,
+    write_comparison_tables,
 )
+from lens.errors import ConfigError
 
 #: Strategies that act on visual tokens, so every item needs an image.
 VISUAL_STRATEGIES = ("hard-low", "hard-high", "replay", "replay-high")
@@ -102,8 +107,9 @@ def load_items(args: argparse.Namespace) -> list:
     return read_items(args, organism_default=40)
 
 
-def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str, ...]) -> list:
-    """Every check that needs no weights; returns the samples.
+def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str, ...]) -> tuple[list, Any]:
+    """Every check that needs no weights; returns the samples and, for several twins, their
+    :class:`lens.commands.common.SetSpec` (else ``None``).
 
     The interventions are built once against the layer count read from ``config.json``, which
     validates every replay and injection hyper-parameter before the models load.
@@ -111,8 +117,9 @@ def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str
     from analyses.intervention import make_intervention
 
     check_run_options(args)
+    models = model_set_options(args)
     samples = load_items(args)
-    spec = inspect_pair(args)
+    spec = inspect_pair(args) if models is None else models.spec
     check_layers(config.layers, spec.n_layers)
     visual = [s for s in strategies if s in VISUAL_STRATEGIES]
     if any(s.startswith("replay") for s in strategies):
@@ -123,8 +130,11 @@ def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str
         samples, spec, args.data, needs_image=f"--strategies {','.join(visual)}" if visual else None
     )
     check_scoring(samples, config.verifier)
-    check_resume(Path(args.out) / "records.jsonl", spec, args)
-    return samples
+    if models is None:
+        check_resume(Path(args.out) / "records.jsonl", spec, args)
+    elif getattr(args, "shard_spec", None) is not None:
+        raise ConfigError("several twins cannot be sharded in one run yet; give one --rlvr per sharded run")
+    return samples, models
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -136,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Decode with each strategy (rlvr, base, hard-low, hard-high, replay, replay-high) "
         "and score greedy pass@1 and sampled pass@k with bootstrap CIs.",
     )
-    add_pair_arguments(parser)
+    add_pair_arguments(parser, several=True)
     add_run_arguments(parser, "runs/intervene")
     parser.add_argument(
         "--strategies",
@@ -151,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     config = run_config(args, strategies)
-    samples = check_before_loading(args, config, strategies)
+    samples, models = check_before_loading(args, config, strategies)
+    if models is not None:
+        return run_twins(args, config, models, samples)
     titles = []
 
     def work(pair, resume, shard):
@@ -167,4 +179,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{len(samples)} items, {title}, mask {config.mask.describe()}; value [95% bootstrap CI]:")
     print(wide_table(result.summary).to_string())
     print(f"\nwrote {Path(args.out)}/summary.csv, per_item.csv, records.jsonl, pass_at_k.png")
+    return 0
+
+
+def run_twins(args: argparse.Namespace, config, models, samples: list) -> int:
+    """Every strategy on each twin (against its base), one folder per twin, one stacked summary."""
+    from analyses.intervention import run_interventions, wide_table
+
+    def work(pair, out, resume):
+        title = f"{pair.names[0]} → {pair.names[1]}"
+        return run_interventions(pair, samples, out, config, resume=resume, progress=True, title=title)
+
+    results = run_comparisons(args, models, work)
+    write_comparison_tables(args.out, {"summary": {c: r.summary for c, r in results.items()}})
+    for (reference, other), result in results.items():
+        print(
+            f"\n{len(samples)} items, {reference} → {other}, mask {config.mask.describe()}; value [95% bootstrap CI]:"
+        )
+        print(wide_table(result.summary).to_string())
+    print(f"\nwrote {Path(args.out)}/summary.csv (a comparison column) and one folder per twin")
     return 0
