@@ -327,6 +327,14 @@ def test_batched_decoding_pads_tiles_and_equals_one_by_one(pair):
     assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
 
 
+def test_perturbation_samples_copies_of_a_two_image_sample(pair):
+    from analyses.perturbation import sample_responses
+
+    two = pair.encode(PROMPT, [_image(30, 45), _image(40, 30, seed=1)])
+    responses = sample_responses(pair, two, n=3, max_new_tokens=2, seed=0)
+    assert len(responses) == 3
+
+
 # -- refused pairs -----------------------------------------------------------------------------------
 
 
