@@ -41,6 +41,9 @@ class ArchitectureAdapter:
     image_inputs: str = ""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: Whether the model takes ``input_ids`` together with ``inputs_embeds`` (Qwen-VL needs the ids
+    #: for its mRoPE positions); ``False`` where transformers refuses both at once (LLaVA family).
+    ids_with_embeds: ClassVar[bool] = True
 
     # -- module access -------------------------------------------------------------------------
     def _get(self, model: nn.Module, path: str) -> Any:
@@ -241,6 +244,46 @@ CAUSAL_LM = ArchitectureAdapter(
     multimodal=False,
 )
 
+
+@dataclass(frozen=True)
+class LlavaOnevisionAdapter(ArchitectureAdapter):
+    """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``: SigLIP tower, 2-layer MLP projector,
+    Qwen2 language model; transformers 5.x module tree).
+
+    Visual tokens are the ``<image>`` (and ``<video>``) placeholders, expanded one per feature: an
+    image's base-tile features, its unpadded anyres-grid features and the learned ``image_newline``
+    vector closing each grid row (see :mod:`lens.inputs.llava_onevision`). There are no
+    vision start/end delimiters. Its forward refuses ``input_ids`` together with ``inputs_embeds``.
+
+    Layer 0 input (where Activation Replay adds Δ and hard injection writes at block 0): the input of
+    ``model.language_model.layers[0]``, i.e. ``inputs_embeds`` after the projected image features
+    (newline vectors included) have been scattered into the ``<image>`` positions; the language
+    model adds no positional embedding to it (RoPE acts inside attention), so it is exactly
+    ``hidden_states[0]``.
+    """
+
+    ids_with_embeds: ClassVar[bool] = False
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id), int(config.video_token_id))
+
+    def vision_special_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id), int(config.video_token_id))
+
+
+LLAVA_ONEVISION = LlavaOnevisionAdapter(
+    name="LLaVA-OneVision",
+    layers_path="model.language_model.layers",
+    norm_path="model.language_model.norm",
+    unembed_path="lm_head",
+    embed_path="model.language_model.embed_tokens",
+    multimodal=True,
+    image_inputs="llava_onevision",
+)
+
 #: config.model_type -> adapter. The single registry of supported families.
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "qwen2_5_vl": QWEN2_5_VL,
@@ -252,6 +295,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "qwen3": CAUSAL_LM,
     "llama": CAUSAL_LM,
     "mistral": CAUSAL_LM,
+    "llava_onevision": LLAVA_ONEVISION,
 }
 
 

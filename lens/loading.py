@@ -198,6 +198,7 @@ _IMAGE_SETTINGS = (
     "image_std",
     "do_convert_rgb",
     "do_pad",
+    "image_grid_pinpoints",  # LLaVA-OneVision: the tilings an image may get
 )
 
 

@@ -24,7 +24,9 @@ A chat is given either as ``prompt`` (+ ``images``, ``system``) or as ``messages
 :class:`Turn` objects, which also say the role of each text piece. The last message must be a
 user turn: the model answers it (after the template's generation prompt), and the answer to
 score or teacher-force is ``response``. A message without images is passed to the chat template
-as a plain string, as real text-only templates (Qwen2.5, Llama 3) require.
+as a plain string, as real text-only templates (Qwen2.5, Llama 3) require; where the template then
+drops the text (it reads typed parts only, as LLaVA-OneVision's does), every content is sent as
+typed parts instead.
 """
 
 from __future__ import annotations
@@ -296,13 +298,15 @@ class _Piece:
 
 
 def _skeleton_messages(
-    turns: Sequence[Turn], mode: str = "whole"
+    turns: Sequence[Turn], mode: str = "whole", typed: bool = False
 ) -> tuple[list[dict[str, Any]], list[_Piece]]:
     """Messages for ``apply_chat_template``, with markers in place of the text pieces.
 
     Modes: ``"real"`` sends the text itself; ``"whole"`` replaces each piece by a marker;
     ``"core"`` keeps a piece's outer whitespace around the marker (``lead + marker + trail``), so a
     template that trims message content (Llama 3) trims exactly what it would trim from the text.
+    ``typed`` sends every content as a list of typed parts, even without images (for templates that
+    read typed parts only, such as LLaVA-OneVision's).
     """
     messages: list[dict[str, Any]] = []
     pieces: list[_Piece] = []
@@ -325,7 +329,7 @@ def _skeleton_messages(
                     text = text[: len(text) - len(text.lstrip())] + marker + text[len(text.rstrip()) :]
             if text:
                 items.append({"type": "text", "text": text})
-        if any(item["type"] == "image" for item in items):
+        if typed or any(item["type"] == "image" for item in items):
             content: str | list[dict[str, str]] = items
         else:
             content = "".join(item["text"] for item in items)
@@ -372,12 +376,28 @@ def _render(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[_Piece]]:
                 f"the chat template cannot render these messages: {exc}".splitlines()[0]
             ) from exc
 
-    expected = apply(_skeleton_messages(turns, "real")[0])
-    for mode in ("whole", "core"):
-        marked, pieces = _skeleton_messages(turns, mode)
-        skeleton = apply(marked)
-        if _fill(skeleton, pieces)[0] == expected:
-            return skeleton, pieces
+    def attempt(typed: bool) -> tuple[str, list[_Piece]] | None:
+        expected = apply(_skeleton_messages(turns, "real", typed)[0])
+        for mode in ("whole", "core"):
+            marked, pieces = _skeleton_messages(turns, mode, typed)
+            skeleton = apply(marked)
+            if _fill(skeleton, pieces)[0] == expected:
+                return skeleton, pieces
+        return None
+
+    try:
+        found = attempt(typed=False)
+    except InputError as first:
+        # A template that reads typed content parts only (LLaVA-OneVision's) renders a plain string
+        # as nothing: send every content as typed parts; if that fails too, the first error stands.
+        try:
+            found = attempt(typed=True)
+        except InputError:
+            raise first from first.__cause__
+        if found is None:
+            raise first from first.__cause__
+    if found is not None:
+        return found
     raise InputError(
         "the chat template rewrites the message text (it does more than insert it), "
         "so token roles cannot be mapped"
