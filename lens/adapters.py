@@ -41,9 +41,6 @@ class ArchitectureAdapter:
     image_inputs: str = ""
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    #: Whether the model takes ``input_ids`` together with ``inputs_embeds`` (Qwen-VL needs the ids
-    #: for its mRoPE positions); ``False`` where transformers refuses both at once (LLaVA family).
-    ids_with_embeds: ClassVar[bool] = True
 
     # -- module access -------------------------------------------------------------------------
     def _get(self, model: nn.Module, path: str) -> Any:
@@ -253,7 +250,7 @@ class LlavaOnevisionAdapter(ArchitectureAdapter):
     Visual tokens are the ``<image>`` (and ``<video>``) placeholders, expanded one per feature: an
     image's base-tile features, its unpadded anyres-grid features and the learned ``image_newline``
     vector closing each grid row (see :mod:`lens.inputs.llava_onevision`). There are no
-    vision start/end delimiters. Its forward refuses ``input_ids`` together with ``inputs_embeds``.
+    vision start/end delimiters.
 
     Layer 0 input (where Activation Replay adds Δ and hard injection writes at block 0): the input of
     ``model.language_model.layers[0]``, i.e. ``inputs_embeds`` after the projected image features
@@ -261,8 +258,6 @@ class LlavaOnevisionAdapter(ArchitectureAdapter):
     model adds no positional embedding to it (RoPE acts inside attention), so it is exactly
     ``hidden_states[0]``.
     """
-
-    ids_with_embeds: ClassVar[bool] = False
 
     def text_config(self, config: Any) -> Any:
         return config.text_config

@@ -333,10 +333,9 @@ class _FastObjective:
         # inputs_embeds (text embeddings with the vision features merged in) = the input of block 0.
         embeds = capture_block_residuals(self.model, pair.adapter, inputs.model_inputs, inputs_of=(0,))
         self.embeds = embeds[("in", 0)].unsqueeze(0)
-        # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged
-        # (unless the family refuses ids together with inputs_embeds, as LLaVA does).
-        dropped = PIXEL_KEYS if pair.adapter.ids_with_embeds else (*PIXEL_KEYS, "input_ids")
-        self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in dropped}
+        # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged,
+        # and a hook on block 0 gives it the captured input (see __call__).
+        self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         config, lens, targets = self.config, self.lens, self.targets
