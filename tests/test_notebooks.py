@@ -13,6 +13,7 @@ non-empty PDF and PNG.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from nbclient.exceptions import CellExecutionError
 from lens.errors import ConfigError
 from lens.notebook import find_root, setup
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 SCRIPTS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 PAIRING = "ipynb,py:percent"
@@ -150,6 +152,8 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("REPLAY_LENS_FIGURES", str(figures))
     monkeypatch.setenv("REPLAY_LENS_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The kernel imports this checkout's lens/analyses, not whichever copy is installed (a worktree).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
         nb,
