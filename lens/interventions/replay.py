@@ -48,7 +48,8 @@ device's autocast op lists and on each family's layer code), and adding Δ after
 method's injection point and is rounded away again at block 1's output).
 
 Speed (same numbers, less work): the base side runs once and keeps only the top-k ids and
-log-probabilities at the selected positions; the RLVR side runs the vision tower once (``inputs_embeds``),
+log-probabilities at the selected positions; the RLVR side runs the vision tower once (``inputs_embeds``,
+or the family's cached vision inputs, see ``ArchitectureAdapter.cached_vision_inputs``),
 stops its forward at the last replay layer, projects only the k unembedding rows it needs, and builds
 no graph for the weights.
 """
@@ -330,11 +331,17 @@ class _FastObjective:
         self.visual = inputs.visual_positions.to(pair.device)
         self.n_tokens = inputs.n_tokens
         self.layers = [layer for layer in config.layers if layer in targets.selected]
-        # inputs_embeds (text embeddings with the vision features merged in) = the input of block 0.
-        embeds = capture_block_residuals(self.model, pair.adapter, inputs.model_inputs, inputs_of=(0,))
-        self.embeds = embeds[("in", 0)].unsqueeze(0)
-        # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged.
-        self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
+        # The vision tower runs once. A family that needs more than the merged features (Qwen3-VL's
+        # DeepStack) caches its own vision output; otherwise inputs_embeds (text embeddings with the
+        # vision features merged in) = the input of block 0.
+        cached = pair.adapter.cached_vision_inputs(self.model, inputs.model_inputs)
+        if cached is not None:
+            self.forward_inputs: dict[str, Any] = cached
+        else:
+            embeds = capture_block_residuals(self.model, pair.adapter, inputs.model_inputs, inputs_of=(0,))
+            # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged.
+            self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
+            self.forward_inputs["inputs_embeds"] = embeds[("in", 0)].unsqueeze(0)
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         config, lens, targets = self.config, self.lens, self.targets
@@ -361,7 +368,7 @@ class _FastObjective:
             handles.extend(stream.install(blocks))  # first, so the terms read what it has written
             handles.extend(register(blocks[L], term(L)) for L in self.layers)
             try:
-                self.model(**self.forward_inputs, inputs_embeds=self.embeds, use_cache=False)
+                self.model(**self.forward_inputs, use_cache=False)
             except _StopForward:
                 pass
         loss = torch.stack(terms).sum()
