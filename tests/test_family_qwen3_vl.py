@@ -8,6 +8,9 @@ where Replay's Δ is added, is the embeddings with the merged image features (no
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from conftest import PROMPT, RESPONSE, random_image
@@ -18,10 +21,12 @@ from analyses.kl_drift import DriftConfig, run_drift
 from lens import load_pair
 from lens.adapters import QWEN3_VL, QWEN3_VL_MOE, adapter_for
 from lens.datasets import load_jsonl
+from lens.decoding import decoding_for
 from lens.errors import PairMismatchError
 from lens.inputs import ROLE_PROMPT, ROLE_RESPONSE, ROLE_TEMPLATE, ROLE_VISUAL
 from lens.interventions import ActivationReplay, HardInjection, hook_count
 from lens.interventions.base import capture_block_residuals
+from lens.loading import ModelPair
 from lens.logit_lens import lens_self_check
 from lens.testing import save_checkpoint
 from lens.testing.qwen3_vl import tiny_qwen3vl, tiny_qwen3vl_image_processor, tiny_qwen3vl_tokenizer
@@ -342,6 +347,49 @@ def test_replay_adds_delta_at_block0_and_deepstack_still_follows(pairs, samples)
     torch.testing.assert_close(seen["in0"][vis], embeds[vis] + replay.offsets)
     assert torch.equal(seen["in1"][vis], seen["out0"][vis] + deepstack_features(pair.rlvr, inputs)[0])
     assert hook_count(pair.rlvr) == 0
+
+
+def test_bf16_replay_carries_deepstack_and_equals_reference(pairs, image):
+    """In bf16 the float32 carry keeps DeepStack's additions in the carried residual: at Δ = 0 it
+    reproduces the plain bf16 forward (the first loss equals the no-carry one), and fast = reference."""
+    dense = pairs["dense"]
+    pair = ModelPair.from_models(
+        copy.deepcopy(dense.base).to(torch.bfloat16),
+        copy.deepcopy(dense.rlvr).to(torch.bfloat16),
+        dense.tokenizer,
+        dense.image_processor,
+    )
+    inputs = pair.encode(PROMPT, [image])
+    settings = {"alpha": 1e-3, "steps": 3, "layers": (0, 1, 2), "rule": "quantile", "quantile": 0.5}
+    fast = ActivationReplay(**settings).prepare(pair, inputs).result
+    plain = ActivationReplay(**{**settings, "steps": 1}, residual="model").prepare(pair, inputs).result
+    assert fast.loss_changed
+    assert fast.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)
+    ref_offsets, ref_losses = reference_replay(pair, inputs, **settings)
+    torch.testing.assert_close(
+        torch.tensor(fast.losses, dtype=torch.float64),
+        torch.tensor(ref_losses, dtype=torch.float64),
+        rtol=2e-3,
+        atol=0.0,
+    )
+    assert float((fast.offsets - ref_offsets).norm() / ref_offsets.norm()) < 1e-2
+
+
+def test_batched_decoding_equals_single(pairs, image):
+    """Left-padded rows (their own mRoPE positions, their own Δ) decode as each sample alone."""
+    pair = pairs["dense"]
+    samples = [
+        pair.encode(PROMPT, [image]),
+        pair.encode("Count the shapes, then answer.", [random_image(64, 160, 2)]),
+    ]
+    decoding = dataclasses.replace(decoding_for(pair), max_new_tokens=4)
+    replay = ActivationReplay(layers=(0, 1, 2), steps=2, alpha=300.0)
+    states = []
+    for sample in samples:
+        replay.prepare(pair, sample)
+        states.append(replay.state)
+    alone = [replay.generate_batch(pair, [state], decoding)[0].token_ids for state in states]
+    assert [row.token_ids for row in replay.generate_batch(pair, states, decoding)] == alone
 
 
 def test_interventions_generate_and_leave_no_trace(pairs, image, kind):
