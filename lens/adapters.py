@@ -157,14 +157,17 @@ class Qwen3VLAdapter(QwenVLAdapter):
       ``"in"``, hard injection at ``depth="released"``) is what the block reads: for ``l`` in
       ``1..levels`` that is ``hidden_states[l]`` plus DeepStack level ``l - 1`` at the visual
       positions. Activation Replay's loss reads ``hidden_states[l]`` (the reference's definition);
-    * "layer 0 input", where Replay's Δ is added and where ``"in"``/injection act at block 0, is
-      ``inputs_embeds``: the token embeddings with the merger's image features scattered in at the
-      ``<|image_pad|>`` positions (= ``hidden_states[0]``). No DeepStack level has been added yet;
-      all of them are still added on top, unchanged by Δ.
+    * "layer 0 input", where Replay's Δ is added (and the embedding perturbation's noise, and
+      ``"in"``/injection at block 0), is ``inputs_embeds``: the token embeddings with the merger's
+      image features scattered in at the ``<|image_pad|>`` positions (= ``hidden_states[0]``). No
+      DeepStack level has been added yet; all of them are still added on top, unchanged by Δ (in
+      bf16, Replay's float32 carry keeps them in the carried residual).
 
     Replay's repeated forwards pass the cached vision-tower output (``mm_encoder_outputs``) with the
     token ids, so DeepStack is applied in every step exactly as in the full forward (an
     ``inputs_embeds`` forward would drop it, and transformers refuses ids and embeddings together).
+    The lens self-check assumes the last decoder layer gets no DeepStack level (true of every
+    published config: 3 levels on 28-94 layers).
     """
 
     def cached_vision_inputs(
