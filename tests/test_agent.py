@@ -30,7 +30,7 @@ from lens.agent import (
 from lens.decoding import DecodingConfig
 from lens.errors import ConfigError, InputError
 from lens.inputs import ImagePart, TextPart, Turn, build_inputs
-from lens.interventions import Baseline, HardInjection, hook_count
+from lens.interventions import ActivationReplay, Baseline, HardInjection, hook_count
 from lens.masks import RELEASED_THRESHOLDS
 from lens.testing import tiny_tokenizer
 
@@ -196,6 +196,17 @@ def test_visual_scope_restricts_the_swap_to_every_image_of_every_turn(pair, item
     for turn in run.turns:
         assert torch.equal(turn.detail.candidates, turn.inputs.visual_positions)
     assert run.turns[-1].detail.candidates.numel() == 16 + 4  # the image and the crop
+
+
+def test_activation_replay_runs_at_every_call_on_every_image(pair, item):
+    replay = ActivationReplay(layers=range(2), rule="quantile", quantile=0.3, steps=3)
+    run = run_agent(pair, replay, item.question, item.image, config=CONFIG, script=[zoom([0, 0, 32, 32])] * 2)
+    assert run.n_calls == 3 and run.stop == "answer"
+    # One offset per visual token of the conversation at that call: the image, then each crop.
+    assert [t.detail.n_visual for t in run.turns] == [16, 20, 24]
+    assert [tuple(t.detail.offsets.shape[:1]) for t in run.turns] == [(16,), (20,), (24,)]
+    assert all(t.detail.loss_changed for t in run.turns)
+    assert hook_count(pair.rlvr) == 0 and hook_count(pair.base) == 0
 
 
 def test_hooks_removed_and_weights_unchanged_when_the_tool_or_a_call_raises(pair, item):
