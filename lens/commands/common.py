@@ -431,6 +431,8 @@ def check_samples(
         images = sample_images(sample)
         if images and not spec.multimodal:
             raise InputError(f"{where(sample, data)} has an image, but {spec.adapter.name} takes no images")
+        if getattr(sample, "video", None) is not None and not spec.multimodal:
+            raise InputError(f"{where(sample, data)} has a video, but {spec.adapter.name} takes no videos")
         if needs_image and not images:
             raise InputError(f"{where(sample, data)} has no image, but {needs_image} acts on visual tokens")
         for image in images:
