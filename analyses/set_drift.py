@@ -140,8 +140,11 @@ def run_set_drift(
             if writer.partial:
                 return None
         for pair in models.comparisons:
-            keys = [f"{labels[pair]}/{s.id}" for s in samples]
-            table = table_from_records(writer.read(keys), out, DRIFT_SCHEMA, legacy_table)
+            prefix = f"{labels[pair]}/"
+            records = writer.read(prefix + str(s.id) for s in samples)
+            # The tidy table is per sample: its parts carry the sample's id, not the record key.
+            records = [{**r, "sample_id": str(r["sample_id"]).removeprefix(prefix)} for r in records]
+            table = table_from_records(records, out, DRIFT_SCHEMA, legacy_table)
             parts[pair] = list(table.parts)
     tidy = {labels[p]: ColumnarTable(tuple(parts[p]), DRIFT_SCHEMA) for p in models.comparisons}
     stats = {pair: drift_statistics(tidy[labels[pair]], config.n_buckets) for pair in models.comparisons}

@@ -205,3 +205,13 @@ def test_replay_and_intervene_take_several_twins_one_folder_each(tmp_path, capfd
         pd.testing.assert_frame_equal(mine, theirs)
     code, _, err = run_cli(["intervene", *argv, "--shard", "0/2", "--out", str(tmp_path / "i")], capfd)
     assert code == 2 and "one --rlvr per sharded run" in err and not (tmp_path / "i").exists()
+
+
+def test_each_comparisons_tidy_table_is_keyed_by_sample(organism_set, tmp_path):
+    from analyses.set_drift import run_set_drift
+
+    samples = organism.heldout(n=2)
+    result = run_set_drift(organism_set, samples, tmp_path / "o")
+    table = result.tidy["base→control"]
+    assert table.sample_ids == [s.id for s in samples]
+    assert len(table.select([samples[1].id]).to_pandas()) > 0
