@@ -114,10 +114,11 @@ class PTIConfig:
         return float(getattr(self, f"{site}_{part}"))
 
 
-def steer(x: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
+def steer(x: torch.Tensor, direction: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
     """PTI's norm-preserving step of cache vectors ``x [..., dim]`` towards ``direction`` (broadcast).
 
-    Computed in float32 (whatever the cache dtype) and rounded once to ``x.dtype``. A zero
+    ``strength`` is λ: a number, or a tensor that broadcasts against ``x[..., :1]`` (one λ per
+    vector). Computed in float32 (whatever the cache dtype) and rounded once to ``x.dtype``. A zero
     direction leaves ``x`` as is; a zero ``x`` stays zero.
     """
     x32, s = x.float(), direction.float().to(x.device)
@@ -173,8 +174,14 @@ class PTI(Intervention):
             layers if layers is not None else range(directions.shape[0]), directions.shape[0]
         )
         self._checked: set[int] = set()
+        self._setting: str | None = None
 
     def setting(self) -> str:
+        if self._setting is None:  # built once: it hashes the directions
+            self._setting = self._describe()
+        return self._setting
+
+    def _describe(self) -> str:
         c = self.config
         layers = "all" if c.layers is None else ",".join(map(str, self._layers))
         return (
@@ -248,7 +255,12 @@ class PTI(Intervention):
 
 
 class _RowSteering:
-    """Steers one layer's ``[rows, kv_heads, seq, head_dim]`` keys/values at each row's positions."""
+    """Steers one layer's ``[rows, kv_heads, seq, head_dim]`` keys/values at each row's positions.
+
+    Each sample's image columns and text column are steered in one gather, one :func:`steer` and
+    one in-place write (the tensors are generate's own cache states), with per-column directions
+    and strengths built once per (layer, part, device).
+    """
 
     def __init__(
         self,
@@ -260,33 +272,44 @@ class _RowSteering:
     ) -> None:
         self.directions, self.config, self.layers = directions, config, set(layers)
         self.n_layers = directions.shape[0]
-        self.columns, self.copies = columns, copies
+        self.copies = copies
+        # Per sample: its columns, image ones first then the text one.
+        self.columns = [torch.cat([image.long(), torch.tensor([text])]) for image, text in columns]
+        self._cache: dict[tuple[int, str, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rows(self, n_rows: int) -> list[tuple[slice, torch.Tensor, int]]:
+    def rows(self, n_rows: int) -> list[tuple[slice, torch.Tensor]]:
         if self.copies is None:
             if len(self.columns) != 1:
                 raise ConfigError("several samples need their row count")
-            return [(slice(None), *self.columns[0])]
+            return [(slice(None), self.columns[0])]
         if n_rows != len(self.columns) * self.copies:
             raise InputError(f"PTI prepared {len(self.columns)}×{self.copies} rows, the prefill has {n_rows}")
-        return [(slice(i * self.copies, (i + 1) * self.copies), *cols) for i, cols in enumerate(self.columns)]
+        return [(slice(i * self.copies, (i + 1) * self.copies), c) for i, c in enumerate(self.columns)]
 
-    def __call__(self, layer: int, part: str, states: torch.Tensor, text_column: bool = True) -> torch.Tensor:
-        """``states`` with this layer's ``part`` (``keys``/``values``) steered (a new tensor)."""
+    def _per_column(
+        self, layer: int, part: str, n_image: int, device: torch.device
+    ) -> tuple[torch.Tensor, ...]:
+        key = (layer, part, n_image, device)
+        if key not in self._cache:
+            image = self.directions.direction("image", part)[layer].float()  # [kv_heads, head_dim]
+            text = self.directions.direction("text", part)[layer].float()
+            per_column = torch.cat([image[:, None].expand(-1, n_image, -1), text[:, None]], dim=1)
+            strengths = torch.tensor(
+                [self.config.strength("image", part)] * n_image + [self.config.strength("text", part)]
+            )[:, None]
+            self._cache[key] = (per_column[None].to(device), strengths.to(device))
+        return self._cache[key]
+
+    def __call__(self, layer: int, part: str, states: torch.Tensor) -> torch.Tensor:
+        """``states`` with this layer's ``part`` (``keys``/``values``) steered, in place."""
         if layer not in self.layers:
             return states
-        out = states.clone()
-        image_dir = self.directions.direction("image", part)[layer]  # [kv_heads, head_dim]
-        text_dir = self.directions.direction("text", part)[layer]
-        for rows, image_cols, text_col in self.rows(states.shape[0]):
-            cols = image_cols.to(states.device)
-            block = out[rows][:, :, cols]  # [r, heads, n, dim]
-            out[rows, :, cols] = steer(block, image_dir[None, :, None], self.config.strength("image", part))
-            if text_column:
-                out[rows, :, text_col] = steer(
-                    out[rows, :, text_col], text_dir[None], self.config.strength("text", part)
-                )
-        return out
+        for rows, columns in self.rows(states.shape[0]):
+            cols = columns.to(states.device)
+            direction, strength = self._per_column(layer, part, cols.numel() - 1, states.device)
+            block = states[rows].index_select(2, cols)  # [r, kv_heads, columns, head_dim]
+            states[rows, :, cols] = steer(block, direction, strength)
+        return states
 
 
 def _cut(kwargs: dict[str, Any], part: slice, drop: Sequence[str], cut_mask: bool) -> dict[str, Any]:
