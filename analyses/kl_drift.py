@@ -29,6 +29,7 @@ from analyses.drift_stats import (  # noqa: F401  (public API of the drift analy
     quantile_edges,
 )
 from lens.datasets import check_images, sample_images
+from lens.datasets.sample import sample_videos
 from lens.errors import ConfigError, DatasetError, InputError
 from lens.fingerprint import pair_fingerprint, sample_digests
 from lens.inputs import ROLES
@@ -138,7 +139,10 @@ class DriftRecord:
 def drift_record(pair: Any, sample: SampleLike, config: DriftConfig) -> DriftRecord:
     """Lens statistics of one sample."""
     inputs = pair.encode(
-        sample.question, sample_images(sample), response=sample.response if config.teacher_force else None
+        sample.question,
+        sample_images(sample),
+        response=sample.response if config.teacher_force else None,
+        videos=sample_videos(sample),
     )
     result = pair_lens(
         pair.base,
@@ -266,9 +270,11 @@ def run_drift(
     # Validate every input before creating any output, so bad input leaves no partial file.
     check_images(samples)
     if not pair.adapter.multimodal:
-        with_images = [s.id for s in samples if sample_images(s)]
+        with_images = [s.id for s in samples if sample_images(s) or sample_videos(s)]
         if with_images:
-            raise InputError(f"{pair.adapter.name} takes no images, but sample {with_images[0]!r} has one")
+            raise InputError(
+                f"{pair.adapter.name} takes no images or videos, but sample {with_images[0]!r} has one"
+            )
 
     if out_dir is None:
         records = (drift_record(pair, s, config) for s in samples)

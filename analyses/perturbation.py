@@ -411,11 +411,11 @@ def measure(
 def sample_responses(pair: Any, inputs: PairInputs, n: int, max_new_tokens: int, seed: int) -> list[str]:
     """``n`` responses of the clean RLVR model at T = 1, vision special tokens suppressed, seeded."""
     tok = pair.tokenizer
-    # A batch of n copies: token tensors repeat along the batch, Qwen's flat patch tensors per image.
-    model_inputs = {}
-    for key, value in inputs.model_inputs.items():
-        flat_per_image = key in ("pixel_values", "image_grid_thw")
-        model_inputs[key] = value.repeat(n, 1) if flat_per_image else value.repeat_interleave(n, dim=0)
+    # A batch of n copies of the sample: every input (token rows, Qwen's flat patches, per-image
+    # grids, LLaVA's per-image tiles and sizes, per-sample image counts) is tiled along dim 0.
+    model_inputs = {
+        key: value.repeat(n, *[1] * (value.dim() - 1)) for key, value in inputs.model_inputs.items()
+    }
     prompt_len = inputs.n_tokens
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)

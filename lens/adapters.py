@@ -101,6 +101,18 @@ class ArchitectureAdapter:
         """Model inputs derived from the token ids alone (e.g. Qwen's ``mm_token_type_ids``)."""
         return {}
 
+    def cached_vision_inputs(
+        self, model: nn.Module, model_inputs: dict[str, torch.Tensor]
+    ) -> dict[str, Any] | None:
+        """Forward inputs that run the same forward as ``model_inputs`` without the vision tower.
+
+        For repeated forwards of one sample (Activation Replay's steps): the vision tower runs once
+        here. ``None`` (the default) means the family needs nothing beyond the merged image features,
+        so the caller feeds the input of block 0 as ``inputs_embeds``; a family whose vision tower
+        also feeds later layers (Qwen3-VL's DeepStack) returns its own cached inputs.
+        """
+        return None
+
 
 @dataclass(frozen=True)
 class QwenVLAdapter(ArchitectureAdapter):
@@ -125,6 +137,58 @@ class QwenVLAdapter(ArchitectureAdapter):
         image = input_ids == int(config.image_token_id)
         video = input_ids == int(config.video_token_id)
         return {"mm_token_type_ids": image.long() + 2 * video.long()}  # int64, as the processor returns
+
+
+@dataclass(frozen=True)
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL, dense and MoE (transformers 5.x module tree; ids and ``mm_token_type_ids`` as Qwen2.5-VL).
+
+    DeepStack: the vision tower also returns features from intermediate blocks, one level per
+    entry of ``vision_config.deepstack_visual_indexes`` (3 in the published models), and
+    ``Qwen3VLTextModel`` adds level ``l`` to the hidden states at the visual positions *after*
+    decoder layer ``l``, for the first ``len(deepstack_visual_indexes)`` layers. What replay-lens
+    reads and edits there:
+
+    * the lens reads each decoder layer's own output, before the DeepStack addition that follows
+      it. That is transformers' ``hidden_states[l + 1]`` (recorded at the layer's output), so
+      capture equals ``output_hidden_states``, and a layer's lens shows what the layer computed,
+      not the raw vision features added after it;
+    * the *input* of block ``l`` as a hook on the block sees it (``capture_block_residuals``'s
+      ``"in"``, hard injection at ``depth="released"``) is what the block reads: for ``l`` in
+      ``1..levels`` that is ``hidden_states[l]`` plus DeepStack level ``l - 1`` at the visual
+      positions. Activation Replay's loss reads ``hidden_states[l]`` (the reference's definition);
+    * "layer 0 input", where Replay's Δ is added (and the embedding perturbation's noise, and
+      ``"in"``/injection at block 0), is ``inputs_embeds``: the token embeddings with the merger's
+      image features scattered in at the ``<|image_pad|>`` positions (= ``hidden_states[0]``). No
+      DeepStack level has been added yet; all of them are still added on top, unchanged by Δ (in
+      bf16, Replay's float32 carry keeps them in the carried residual).
+
+    Replay's repeated forwards pass the cached vision-tower output (``mm_encoder_outputs``) with the
+    token ids, so DeepStack is applied in every step exactly as in the full forward (an
+    ``inputs_embeds`` forward would drop it, and transformers refuses ids and embeddings together).
+    The lens self-check assumes the last decoder layer gets no DeepStack level (true of every
+    published config: 3 levels on 28-94 layers).
+    """
+
+    def cached_vision_inputs(
+        self, model: nn.Module, model_inputs: dict[str, torch.Tensor]
+    ) -> dict[str, Any] | None:
+        forward_inputs: dict[str, Any] = {
+            k: v for k, v in model_inputs.items() if k not in ("pixel_values", "pixel_values_videos")
+        }
+        encoder_outputs = {}
+        with torch.no_grad():
+            if model_inputs.get("pixel_values") is not None:
+                encoder_outputs["image"] = model.model.get_image_features(
+                    model_inputs["pixel_values"], model_inputs["image_grid_thw"], return_dict=True
+                )
+            if model_inputs.get("pixel_values_videos") is not None:
+                encoder_outputs["video"] = model.model.get_video_features(
+                    model_inputs["pixel_values_videos"], model_inputs["video_grid_thw"], return_dict=True
+                )
+        if encoder_outputs:
+            forward_inputs["mm_encoder_outputs"] = encoder_outputs
+        return forward_inputs
 
 
 @dataclass(frozen=True)
@@ -232,6 +296,8 @@ _GLM4V_PATHS = dict(
 
 GLM4V = Glm4vAdapter(name="GLM-4.1V", **_GLM4V_PATHS)
 GLM4V_MOE = Glm4vAdapter(name="GLM-4.5V", **_GLM4V_PATHS)
+QWEN3_VL = Qwen3VLAdapter(name="Qwen3-VL", **{**_QWEN_VL_PATHS, "image_inputs": "qwen3_vl"})
+QWEN3_VL_MOE = Qwen3VLAdapter(name="Qwen3-VL-MoE", **{**_QWEN_VL_PATHS, "image_inputs": "qwen3_vl"})
 CAUSAL_LM = ArchitectureAdapter(
     name="decoder-only causal LM (Qwen2/Llama-style)",
     layers_path="model.layers",
@@ -241,6 +307,44 @@ CAUSAL_LM = ArchitectureAdapter(
     multimodal=False,
 )
 
+
+@dataclass(frozen=True)
+class LlavaOnevisionAdapter(ArchitectureAdapter):
+    """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``: SigLIP tower, 2-layer MLP projector,
+    Qwen2 language model; transformers 5.x module tree).
+
+    Visual tokens are the ``<image>`` (and ``<video>``) placeholders, expanded one per feature: an
+    image's base-tile features, its unpadded anyres-grid features and the learned ``image_newline``
+    vector closing each grid row (see :mod:`lens.inputs.llava_onevision`). There are no
+    vision start/end delimiters.
+
+    Layer 0 input (where Activation Replay adds Δ and hard injection writes at block 0): the input of
+    ``model.language_model.layers[0]``, i.e. ``inputs_embeds`` after the projected image features
+    (newline vectors included) have been scattered into the ``<image>`` positions; the language
+    model adds no positional embedding to it (RoPE acts inside attention), so it is exactly
+    ``hidden_states[0]``.
+    """
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id), int(config.video_token_id))
+
+    def vision_special_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id), int(config.video_token_id))
+
+
+LLAVA_ONEVISION = LlavaOnevisionAdapter(
+    name="LLaVA-OneVision",
+    layers_path="model.language_model.layers",
+    norm_path="model.language_model.norm",
+    unembed_path="lm_head",
+    embed_path="model.language_model.embed_tokens",
+    multimodal=True,
+    image_inputs="llava_onevision",
+)
+
 #: config.model_type -> adapter. The single registry of supported families.
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "qwen2_5_vl": QWEN2_5_VL,
@@ -248,10 +352,13 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "internvl": INTERNVL,
     "glm4v": GLM4V,
     "glm4v_moe": GLM4V_MOE,
+    "qwen3_vl": QWEN3_VL,
+    "qwen3_vl_moe": QWEN3_VL_MOE,
     "qwen2": CAUSAL_LM,
     "qwen3": CAUSAL_LM,
     "llama": CAUSAL_LM,
     "mistral": CAUSAL_LM,
+    "llava_onevision": LLAVA_ONEVISION,
 }
 
 

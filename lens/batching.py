@@ -28,13 +28,17 @@ TOKEN_KEYS: dict[str, int | None] = {
     "mm_token_type_ids": 0,
     "token_type_ids": 0,
 }
-#: Per-image (or per-video) inputs, concatenated along the first dimension in row order.
+#: Per-image (or per-video, or per-sample) inputs, concatenated along the first dimension in row
+#: order; where their other dimensions differ (LLaVA-OneVision's tiles per image), each is
+#: zero-padded at the end to the largest, as the image processor pads a batch.
 VISUAL_KEYS = (
     "pixel_values",
     "image_grid_thw",
     "pixel_values_videos",
     "video_grid_thw",
     "second_per_grid_ts",
+    "image_sizes",
+    "batch_num_images",
 )
 
 
@@ -107,5 +111,22 @@ def collate(samples: Sequence[PairInputs], pad_token_id: int) -> Batch:
     for key in VISUAL_KEYS:
         parts = [s.model_inputs[key] for s in samples if key in s.model_inputs]
         if parts:
-            out[key] = torch.cat(parts)
+            out[key] = torch.cat(_pad_trailing(parts))
     return Batch(out, pads, lengths)
+
+
+def _pad_trailing(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad every dimension but the first to the largest among ``parts`` (a no-op when equal)."""
+    shapes = {tuple(p.shape[1:]) for p in parts}
+    if len(shapes) <= 1:
+        return parts
+    if len({p.dim() for p in parts}) != 1:
+        raise InputError(f"per-image inputs of different ranks cannot share a batch: {sorted(shapes)}")
+    widest = [max(sizes) for sizes in zip(*shapes, strict=True)]
+    padded = []
+    for part in parts:
+        pad: list[int] = []
+        for size, target in zip(reversed(part.shape[1:]), reversed(widest), strict=True):
+            pad += [0, target - size]
+        padded.append(torch.nn.functional.pad(part, pad))
+    return padded

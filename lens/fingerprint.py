@@ -246,6 +246,12 @@ def sample_digest(sample: Any) -> str:
         data = _image_bytes(image)
         h.update(struct.pack("<Q", len(data)))
         h.update(data)
+    video = getattr(sample, "video", None)
+    if video is not None:  # only video items: the digests of other samples stay as they were
+        h.update(b"video:" + repr(getattr(sample, "video_options", None)).encode())
+        with open(video, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:32]
 
 

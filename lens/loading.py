@@ -18,6 +18,7 @@ from torch import nn
 from lens.adapters import ArchitectureAdapter, adapter_for
 from lens.errors import CheckpointError, PairMismatchError
 from lens.inputs import ImageLike, Message, PairInputs, build_inputs
+from lens.video import VideoOptions, VideoPart
 
 _PROBE_TEXT = "Probe: how many red shapes are there? 12 + 30 = 42."
 
@@ -36,6 +37,8 @@ class ModelPair:
         names: Display names of the two models.
         prompt_preset: The prompt preset the checkpoints name in their side file
             (:data:`lens.prompts.PRESET_FILE`), or ``None``; see :func:`lens.prompts.encode_sample`.
+        video_options: The run's video defaults (``nframes``/``fps``, pixel bounds) for the options a
+            video item leaves unset, e.g. ``VideoOptions(nframes=16, max_pixels=200704)`` (Video-R1).
     """
 
     base: nn.Module
@@ -46,6 +49,7 @@ class ModelPair:
     image_first: bool = True
     names: tuple[str, str] = ("base", "rlvr")
     prompt_preset: str | None = None
+    video_options: VideoOptions | None = None
 
     @property
     def config(self) -> Any:
@@ -68,6 +72,7 @@ class ModelPair:
         image_first: bool | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        videos: Sequence[VideoPart | str | Path] = (),
     ) -> PairInputs:
         """Build identical inputs for both models, with the token-role map.
 
@@ -80,6 +85,8 @@ class ModelPair:
             image_first: Override the pair's image placement.
             messages: The chat as messages instead of ``prompt``/``images``/``system``, for
                 several turns or images in any turn (see :mod:`lens.inputs`).
+            videos: Videos of the user turn (paths, or :class:`~lens.video.VideoPart` with options);
+                unset options take :attr:`video_options`.
         """
         return build_inputs(
             self.tokenizer,
@@ -93,6 +100,8 @@ class ModelPair:
             device=self.device,
             system=system,
             messages=messages,
+            videos=videos,
+            video_options=self.video_options,
         )
 
     def models(self) -> tuple[nn.Module, nn.Module]:
@@ -198,6 +207,7 @@ _IMAGE_SETTINGS = (
     "image_std",
     "do_convert_rgb",
     "do_pad",
+    "image_grid_pinpoints",  # LLaVA-OneVision: the tilings an image may get
 )
 
 

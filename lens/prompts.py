@@ -343,7 +343,19 @@ def encode_sample(
 
     images = sample_images(sample)
     turns = preset.turns(sample, images, image_first=pair.image_first, system=system)
+    turns = _with_videos(turns, sample)
     try:
         return pair.encode(messages=turns, response=response)
     except InputError as exc:
         raise InputError(f"sample {getattr(sample, 'id', '?')!r}: {exc}") from exc
+
+
+def _with_videos(turns: tuple[Turn, ...], sample: Any) -> tuple[Turn, ...]:
+    """The chat with the sample's video (if any) first in its last user turn, as Qwen places it."""
+    from lens.datasets.sample import sample_videos
+
+    videos = sample_videos(sample)
+    if not videos:
+        return turns
+    last = turns[-1]
+    return turns[:-1] + (Turn(last.role, videos + last.parts),)

@@ -121,8 +121,8 @@ NOTEBOOKS["01_kl_by_entropy"] = {
             import lens
             from analyses.kl_drift import DriftConfig
             from analyses.set_drift import run_set_drift
-            from lens.modelset import load_models, organism_sources
             from lens import organism
+            from lens.modelset import load_models, organism_sources
             from lens.plot.drift import plot_kl_by_entropy
             from lens.plot.heatmaps import merged_grid, plot_layer_token_heatmaps, plot_visual_grid
 

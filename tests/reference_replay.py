@@ -8,9 +8,11 @@ the fast implementation: float32 lens/KL/Δ (no bf16 quirks B2/B7), the raw outp
 
 Precision rule (``residual="float32"``, the default): in a model narrower than float32 (bf16, fp16) the
 residual stream at the visual positions is carried in float32 from the input of block 0 through the
-deepest replay layer: r_0 = e + Δ, r_{l+1} = r_l + (out_l − in_l) with in_l = bf16(r_l) what block l
-read and out_l what it returned; the block's output at those positions is replaced by bf16(r_{l+1}),
-and the lens reads r. In float32 models, or with ``residual="model"``, Δ is cast to the model dtype
+deepest replay layer: r_0 = e + Δ, r_{l+1} = r_l + (out_l − in_l) with in_l = bf16(r_l) the value
+written into the stream before block l and out_l what block l returned; the block's output at those
+positions is replaced by bf16(r_{l+1}), and the lens reads r. Whatever the model adds between two
+blocks (Qwen3-VL's DeepStack features, after the first few) thus counts as part of the next block's
+contribution and stays in r. In float32 models, or with ``residual="model"``, Δ is cast to the model dtype
 and added to the input of block 0, nothing else.
 """
 
@@ -86,7 +88,6 @@ def reference_replay(
         delta.requires_grad_(True)
         captured = {}
         stream = {}  # depth d -> float32 residual at the visual positions (input of block d), when carried
-        block_in = {}
 
         def add_delta(module, args, kwargs, delta=delta, captured=captured, stream=stream):
             h = args[0] if args else kwargs["hidden_states"]
@@ -99,13 +100,13 @@ def reference_replay(
             captured[0] = h
             return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
-        def read_input(module, args, kwargs, block_in=block_in):
-            block_in[module] = args[0] if args else kwargs["hidden_states"]
-
-        def carry_output(module, args, output, stream=stream, block_in=block_in):
+        def carry_output(module, args, output, stream=stream):
             out = output[0] if isinstance(output, tuple) else output
             depth = layer_index[module]
-            stream[depth + 1] = stream[depth] + (out[:, vmask].float() - block_in[module][:, vmask].float())
+            # The block's contribution measured from what was written before it, bf16(r_depth):
+            # not from the block's own input, which may hold an addition made between blocks.
+            written = stream[depth].to(out.dtype).float()
+            stream[depth + 1] = stream[depth] + (out[:, vmask].float() - written)
             out = out.clone()
             out[:, vmask] = stream[depth + 1].to(out.dtype)
             return (out, *output[1:]) if isinstance(output, tuple) else out
@@ -113,9 +114,7 @@ def reference_replay(
         hooks = [adapter.layers(rlvr)[0].register_forward_pre_hook(add_delta, with_kwargs=True)]
         if carry:
             for i in range(max(layers) + 1):
-                block = adapter.layers(rlvr)[i]
-                hooks.append(block.register_forward_pre_hook(read_input, with_kwargs=True))
-                hooks.append(block.register_forward_hook(carry_output))
+                hooks.append(adapter.layers(rlvr)[i].register_forward_hook(carry_output))
         with torch.enable_grad():
             result, rlvr_out = raw_outputs(rlvr, hooks)
             hs = result.hidden_states

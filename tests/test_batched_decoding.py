@@ -243,6 +243,8 @@ def test_bf16_replay_decodes_batched_rows_with_the_float32_carry(pair, samples):
     )
     for together, single, before in zip(batched, alone, plain, strict=True):
         scale = single.first_logits.abs().max()
-        assert torch.allclose(together.first_logits, single.first_logits, atol=float(4 * 2**-8 * scale), rtol=0)
+        assert torch.allclose(
+            together.first_logits, single.first_logits, atol=float(4 * 2**-8 * scale), rtol=0
+        )
         assert (together.first_logits - before.first_logits).abs().max() > 0
     assert hook_count(bf16.rlvr) == 0

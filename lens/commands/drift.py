@@ -12,10 +12,12 @@ from lens.commands.common import (
     check_run_options,
     check_samples,
     inspect_pair,
-    load_set_from_args,
-    model_set_options,
     parse_layers,
     read_dataset,
+)
+from lens.commands.runs import (
+    load_set_from_args,
+    model_set_options,
     run_job,
 )
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lens.commands.common import add_data_arguments, add_decoding_arguments, add_pair_arguments
+from lens.commands.common import (
+    add_data_arguments,
+    add_decoding_arguments,
+    add_pair_arguments,
+)
 from lens.errors import ConfigError
 
 KNOWN_PAIRS = ("organism",)
@@ -94,9 +98,11 @@ def run_pair_eval(args: argparse.Namespace) -> int:
         check_samples,
         check_scoring,
         inspect_pair,
+        read_items,
+    )
+    from lens.commands.runs import (
         load_set_from_args,
         model_set_options,
-        read_items,
         run_job,
     )
 

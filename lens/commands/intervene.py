@@ -17,9 +17,11 @@ from lens.commands.common import (
     check_scoring,
     check_topk,
     inspect_pair,
-    model_set_options,
     parse_layers,
     read_items,
+)
+from lens.commands.runs import (
+    model_set_options,
     run_comparisons,
     run_job,
     write_comparison_tables,

@@ -13,9 +13,9 @@ from lens.commands.common import (
     check_samples,
     inspect_pair,
     parse_layers,
-    run_job,
 )
 from lens.commands.intervene import add_mask_arguments
+from lens.commands.runs import run_job
 
 KIND_CHOICES = {"pixel": ("pixel",), "embedding": ("embedding",), "both": ("pixel", "embedding")}
 

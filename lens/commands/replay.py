@@ -8,8 +8,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lens.commands.common import add_pair_arguments, run_comparisons, run_job, write_comparison_tables
+from lens.commands.common import add_pair_arguments
 from lens.commands.intervene import add_run_arguments, check_before_loading, parse_floats, run_config
+from lens.commands.runs import (
+    run_comparisons,
+    run_job,
+    write_comparison_tables,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -52,14 +52,25 @@ def resolve_image_path(value: str, base: Path, where: str) -> Path:
 def check_images(samples: Iterable[Any]) -> None:
     """Decode every image of every sample (paths and bytes), so a corrupt one fails before any output.
 
-    In-memory PIL images (the organism's) are already decoded and are skipped.
+    In-memory PIL images (the organism's) are already decoded and are skipped. A sample's video
+    is probed (every packet read, no frame decoded) and its frame count checked against its options.
 
     Raises:
-        InputError: A missing, unreadable or corrupt image (the message names the sample and image).
+        InputError: A missing, unreadable or corrupt image, or a missing, unreadable or empty video
+            (the message names the sample and image or video).
     """
     from lens.inputs import open_image
+    from lens.video import VideoOptions, probe_video, sample_indices
 
     for sample in samples:
+        video = getattr(sample, "video", None)
+        if video is not None:
+            try:
+                info = probe_video(video)
+                options = getattr(sample, "video_options", None) or VideoOptions()
+                sample_indices(info.total_frames, info.fps, options)
+            except InputError as exc:
+                raise InputError(f"sample {sample.id!r}: {exc}") from exc
         images = sample_images(sample)
         for k, image in enumerate(images):
             if isinstance(image, Image.Image):

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lens.video import VideoOptions, VideoPart
+
 ImageRef = Path | bytes
 """An image as a reader leaves it: an absolute file path, or the encoded file (PNG, JPEG, ...)."""
 
@@ -27,6 +29,9 @@ class Sample:
         qtype: Category or question type (VLMEvalKit's ``category``).
         split: The split the item belongs to, when the file says.
         meta: Every other column of the row, kept for the records.
+        video: A video file (absolute path), for video items.
+        video_options: The item's own video options (``nframes`` or ``fps``, ``max_pixels``,
+            ``min_pixels``); unset ones take the run's (``ModelPair.video_options``).
     """
 
     id: str
@@ -39,6 +44,8 @@ class Sample:
     qtype: str | None = None
     split: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    video: Path | None = None
+    video_options: VideoOptions | None = None
 
     @property
     def image(self) -> ImageRef | None:
@@ -57,3 +64,11 @@ def sample_images(sample: Any) -> tuple[Any, ...]:
         return tuple(images)
     image = getattr(sample, "image", None)
     return () if image is None else (image,)
+
+
+def sample_videos(sample: Any) -> tuple[VideoPart, ...]:
+    """A sample's video as message parts (empty without one); works for any object with ``video``."""
+    video = getattr(sample, "video", None)
+    if video is None:
+        return ()
+    return (VideoPart(video, getattr(sample, "video_options", None)),)

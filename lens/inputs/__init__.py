@@ -24,7 +24,9 @@ A chat is given either as ``prompt`` (+ ``images``, ``system``) or as ``messages
 :class:`Turn` objects, which also say the role of each text piece. The last message must be a
 user turn: the model answers it (after the template's generation prompt), and the answer to
 score or teacher-force is ``response``. A message without images is passed to the chat template
-as a plain string, as real text-only templates (Qwen2.5, Llama 3) require.
+as a plain string, as real text-only templates (Qwen2.5, Llama 3) require; where the template then
+drops the text (it reads typed parts only, as LLaVA-OneVision's does), every content is sent as
+typed parts instead.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lens.adapters import ArchitectureAdapter
 from lens.errors import InputError
+from lens.video import VideoClip, VideoOptions, VideoPart
 
 ROLE_VISUAL = "visual"
 ROLE_PROMPT = "prompt"
@@ -86,23 +89,27 @@ class Turn:
     """One chat message: a chat role and its text and image parts, in order."""
 
     role: str
-    parts: tuple[TextPart | ImagePart, ...]
+    parts: tuple[TextPart | ImagePart | VideoPart, ...]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parts", tuple(self.parts))
         for part in self.parts:
-            if not isinstance(part, (TextPart, ImagePart)):
+            if not isinstance(part, (TextPart, ImagePart, VideoPart)):
                 raise InputError(
-                    f"a message part must be a TextPart or an ImagePart, not {type(part).__name__}"
+                    f"a message part must be a TextPart, an ImagePart or a VideoPart, not {type(part).__name__}"
                 )
         if self.role not in CHAT_ROLES:
             raise InputError(f"unknown chat role {self.role!r}; expected one of {', '.join(CHAT_ROLES)}")
-        if self.role == "system" and any(isinstance(p, ImagePart) for p in self.parts):
-            raise InputError("a system message cannot hold images")
+        if self.role == "system" and any(isinstance(p, (ImagePart, VideoPart)) for p in self.parts):
+            raise InputError("a system message cannot hold images or videos")
 
     @property
     def images(self) -> tuple[ImageLike, ...]:
         return tuple(p.image for p in self.parts if isinstance(p, ImagePart))
+
+    @property
+    def videos(self) -> tuple[VideoPart, ...]:
+        return tuple(p for p in self.parts if isinstance(p, VideoPart))
 
     @property
     def text(self) -> str:
@@ -123,6 +130,9 @@ class PairInputs:
         image_grids: ``(t, h, w)`` patch grid of each image, before the spatial merge.
         merge_size: Spatial merge factor (2 for Qwen-VL); merged grid is ``(h/merge, w/merge)``.
         response_start: Index of the first response token, or ``None`` without a response.
+        video_grids: ``(t, h, w)`` patch grid of each video (``t`` temporal patches).
+        frames: Per position, the temporal patch of a video token (patch ``t`` holds sampled frames
+            ``2t`` and ``2t+1``), and -1 for every other position; empty when there is no video.
     """
 
     model_inputs: dict[str, torch.Tensor]
@@ -131,6 +141,8 @@ class PairInputs:
     image_grids: tuple[tuple[int, int, int], ...] = ()
     merge_size: int = 1
     response_start: int | None = None
+    video_grids: tuple[tuple[int, int, int], ...] = ()
+    frames: tuple[int, ...] = ()
     _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -156,7 +168,14 @@ class PairInputs:
     def to(self, device: torch.device | str) -> PairInputs:
         moved = {k: v.to(device) for k, v in self.model_inputs.items()}
         return PairInputs(
-            moved, self.roles, self.tokens, self.image_grids, self.merge_size, self.response_start
+            moved,
+            self.roles,
+            self.tokens,
+            self.image_grids,
+            self.merge_size,
+            self.response_start,
+            video_grids=self.video_grids,
+            frames=self.frames,
         )
 
 
@@ -195,11 +214,14 @@ def _load_image(image: ImageLike) -> Image.Image:
 
 
 def user_turn(
-    text: str | Sequence[TextPart], images: Sequence[ImageLike] = (), image_first: bool = True
+    text: str | Sequence[TextPart],
+    images: Sequence[ImageLike] = (),
+    image_first: bool = True,
+    videos: Sequence[VideoPart] = (),
 ) -> Turn:
-    """A user message: its text (one string, or text pieces with roles) and its images."""
+    """A user message: its text (one string, or text pieces with roles), its videos and images."""
     parts = (TextPart(text),) if isinstance(text, str) else tuple(text)
-    pictures = tuple(ImagePart(im) for im in images)
+    pictures = tuple(_video_part(v) for v in videos) + tuple(ImagePart(im) for im in images)
     return Turn("user", pictures + parts if image_first else parts + pictures)
 
 
@@ -258,6 +280,9 @@ def _dict_to_turn(message: Any, where: str) -> Turn:
             parts.append(TextPart(item["text"], text_role))
         elif kind == "image" and item.get("image") is not None:
             parts.append(ImagePart(item["image"]))
+        elif kind == "video" and item.get("video") is not None:
+            options = {k: item[k] for k in ("nframes", "fps", "max_pixels", "min_pixels") if k in item}
+            parts.append(VideoPart(item["video"], VideoOptions(**options) if options else None))
         else:
             raise InputError(
                 f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or "
@@ -270,7 +295,11 @@ def _dict_to_turn(message: Any, where: str) -> Turn:
 
 
 def prompt_turns(
-    prompt: str, images: Sequence[ImageLike] = (), system: str | None = None, image_first: bool = True
+    prompt: str,
+    images: Sequence[ImageLike] = (),
+    system: str | None = None,
+    image_first: bool = True,
+    videos: Sequence[VideoPart] = (),
 ) -> tuple[Turn, ...]:
     """The chat of the prompt form: an optional system message, then one user message."""
     if not isinstance(prompt, str) or not prompt.strip():
@@ -278,7 +307,11 @@ def prompt_turns(
     if system is not None and not isinstance(system, str):
         raise InputError(f"the system prompt must be a string, not {type(system).__name__}")
     head = (system_turn(system),) if system else ()
-    return head + (user_turn(prompt, images, image_first),)
+    return head + (user_turn(prompt, images, image_first, videos),)
+
+
+def _video_part(video: VideoPart | VideoClip | str | Path) -> VideoPart:
+    return video if isinstance(video, VideoPart) else VideoPart(video)
 
 
 # -- rendering with character spans --------------------------------------------------------------
@@ -296,13 +329,15 @@ class _Piece:
 
 
 def _skeleton_messages(
-    turns: Sequence[Turn], mode: str = "whole"
+    turns: Sequence[Turn], mode: str = "whole", typed: bool = False
 ) -> tuple[list[dict[str, Any]], list[_Piece]]:
     """Messages for ``apply_chat_template``, with markers in place of the text pieces.
 
     Modes: ``"real"`` sends the text itself; ``"whole"`` replaces each piece by a marker;
     ``"core"`` keeps a piece's outer whitespace around the marker (``lead + marker + trail``), so a
     template that trims message content (Llama 3) trims exactly what it would trim from the text.
+    ``typed`` sends every content as a list of typed parts, even without images (for templates that
+    read typed parts only, such as LLaVA-OneVision's).
     """
     messages: list[dict[str, Any]] = []
     pieces: list[_Piece] = []
@@ -311,6 +346,9 @@ def _skeleton_messages(
         for part in turn.parts:
             if isinstance(part, ImagePart):
                 items.append({"type": "image"})
+                continue
+            if isinstance(part, VideoPart):
+                items.append({"type": "video"})
                 continue
             text = part.text
             core = text.strip()
@@ -325,7 +363,7 @@ def _skeleton_messages(
                     text = text[: len(text) - len(text.lstrip())] + marker + text[len(text.rstrip()) :]
             if text:
                 items.append({"type": "text", "text": text})
-        if any(item["type"] == "image" for item in items):
+        if typed or any(item["type"] in ("image", "video") for item in items):
             content: str | list[dict[str, str]] = items
         else:
             content = "".join(item["text"] for item in items)
@@ -372,12 +410,28 @@ def _render(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[_Piece]]:
                 f"the chat template cannot render these messages: {exc}".splitlines()[0]
             ) from exc
 
-    expected = apply(_skeleton_messages(turns, "real")[0])
-    for mode in ("whole", "core"):
-        marked, pieces = _skeleton_messages(turns, mode)
-        skeleton = apply(marked)
-        if _fill(skeleton, pieces)[0] == expected:
-            return skeleton, pieces
+    def attempt(typed: bool) -> tuple[str, list[_Piece]] | None:
+        expected = apply(_skeleton_messages(turns, "real", typed)[0])
+        for mode in ("whole", "core"):
+            marked, pieces = _skeleton_messages(turns, mode, typed)
+            skeleton = apply(marked)
+            if _fill(skeleton, pieces)[0] == expected:
+                return skeleton, pieces
+        return None
+
+    try:
+        found = attempt(typed=False)
+    except InputError as first:
+        # A template that reads typed content parts only (LLaVA-OneVision's) renders a plain string
+        # as nothing: send every content as typed parts; if that fails too, the first error stands.
+        try:
+            found = attempt(typed=True)
+        except InputError:
+            raise first from first.__cause__
+        if found is None:
+            raise first from first.__cause__
+    if found is not None:
+        return found
     raise InputError(
         "the chat template rewrites the message text (it does more than insert it), "
         "so token roles cannot be mapped"
@@ -398,6 +452,8 @@ def build_inputs(
     *,
     system: str | None = None,
     messages: Sequence[Message] | None = None,
+    videos: Sequence[VideoPart | VideoClip | str | Path] = (),
+    video_options: VideoOptions | None = None,
 ) -> PairInputs:
     """Build one sample's inputs and its token-role map.
 
@@ -417,6 +473,9 @@ def build_inputs(
             leaves the template's default system prompt, if it has one.
         messages: The chat as messages instead of ``prompt``/``images``/``system`` (see the module
             docstring); the last one must be a user message.
+        videos: Videos of the user turn (files, :class:`~lens.video.VideoPart` with per-video
+            options, or decoded :class:`~lens.video.VideoClip`), placed before the images.
+        video_options: The run's video defaults (frames, pixel bounds) for options a video leaves unset.
 
     Returns:
         The inputs, with one role per position.
@@ -426,11 +485,14 @@ def build_inputs(
             message, malformed messages, or a chat template that cannot place the text.
     """
     if messages is not None:
-        if prompt is not None or len(images) or system:
-            raise InputError("give either prompt (with images, system) or messages, not both")
+        if prompt is not None or len(images) or system or len(videos):
+            raise InputError("give either prompt (with images, videos, system) or messages, not both")
         turns = to_turns(messages)
     else:
-        turns = prompt_turns(prompt, images, system, image_first)  # type: ignore[arg-type]
+        turns = prompt_turns(prompt, images, system, image_first, videos)  # type: ignore[arg-type]
+    video_parts = [v for turn in turns for v in turn.videos]
+    if video_parts:
+        _check_video_family(adapter, image_processor)
     all_images = [im for turn in turns for im in turn.images]
     pil_images = [_load_image(im) for im in all_images]
     if pil_images and not adapter.multimodal:
@@ -441,8 +503,8 @@ def build_inputs(
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         skeleton, pieces = _render(tokenizer, turns)
     else:
-        if pil_images:
-            raise InputError("images need a chat template that places them; the tokenizer has none")
+        if pil_images or video_parts:
+            raise InputError("images and videos need a chat template that places them; the tokenizer has none")
         if len(turns) != 1:
             raise InputError(
                 "a system prompt or a conversation needs a chat template; the tokenizer has none"
@@ -459,6 +521,18 @@ def build_inputs(
         )
         skeleton, pixel_inputs = expansion.skeleton, expansion.pixel_inputs
         grids, merge, expected = expansion.grids, expansion.merge, expansion.n_visual
+    video_grids: tuple[tuple[int, int, int], ...] = ()
+    token_frames: tuple[int, ...] = ()
+    if video_parts:
+        clips = [v.clip(video_options) for v in video_parts]
+        sizing = [v.pixel_options(video_options) for v in video_parts]
+        video_expansion = adapter.image_builder().expand_videos(
+            skeleton, clips, sizing, image_processor, tokenizer, config
+        )
+        skeleton = video_expansion.skeleton
+        pixel_inputs = {**pixel_inputs, **video_expansion.pixel_inputs}
+        video_grids, token_frames = video_expansion.grids, video_expansion.token_frames
+        merge, expected = video_expansion.merge, expected + video_expansion.n_visual
 
     text, spans = _fill(skeleton, pieces)
     response_span = None
@@ -503,4 +577,35 @@ def build_inputs(
     if device is not None:
         model_inputs = {k: v.to(device) for k, v in model_inputs.items()}
     tokens = tuple(tokenizer.convert_ids_to_tokens(input_ids[0].tolist()))
-    return PairInputs(model_inputs, tuple(roles), tokens, grids, merge, response_start)
+    frames = _position_frames(input_ids[0], config, token_frames) if video_parts else ()
+    return PairInputs(
+        model_inputs,
+        tuple(roles),
+        tokens,
+        grids,
+        merge,
+        response_start,
+        video_grids=video_grids,
+        frames=frames,
+    )
+
+
+def _check_video_family(adapter: ArchitectureAdapter, image_processor: Any) -> None:
+    """Refuse videos for a family without a video builder (text-only pairs included)."""
+    if not adapter.multimodal:
+        raise InputError(f"{adapter.name} takes no videos (a text-only pair)")
+    if not hasattr(adapter.image_builder(), "expand_videos"):
+        raise InputError(f"videos are not supported for {adapter.name} yet")
+    if image_processor is None:
+        raise InputError("a video was given but the pair has no image processor")
+
+
+def _position_frames(input_ids: torch.Tensor, config: Any, token_frames: Sequence[int]) -> tuple[int, ...]:
+    """Each position's temporal patch: the video tokens in order take ``token_frames``; others -1."""
+    frames = [-1] * int(input_ids.shape[0])
+    video_positions = (input_ids == int(config.video_token_id)).nonzero().flatten().tolist()
+    if len(video_positions) != len(token_frames):
+        raise InputError(f"tokenized {len(video_positions)} video tokens but the videos need {len(token_frames)}")
+    for position, frame in zip(video_positions, token_frames, strict=True):
+        frames[position] = frame
+    return tuple(frames)

@@ -18,6 +18,8 @@ class VisualExpansion:
         grids: Per-image ``(t, h, w)`` patch grids, where the family has them (else ``()``).
         merge: Patches merged into one token (1 where the family does not merge).
         n_visual: The number of visual tokens the images need (checked against the tokenized text).
+        token_frames: For a video expansion, the temporal index of each of its visual tokens, in
+            order (empty for images).
     """
 
     skeleton: str
@@ -25,3 +27,4 @@ class VisualExpansion:
     grids: tuple[tuple[int, int, int], ...] = ()
     merge: int = 1
     n_visual: int = 0
+    token_frames: tuple[int, ...] = ()

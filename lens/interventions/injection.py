@@ -55,7 +55,10 @@ class InjectionConfig:
             fixed rule does); ``None`` means "as released": on for ``fixed``, off otherwise.
         quantile: Quantile of the ``quantile`` rule.
         scope: ``"visual"`` (visual tokens only, as the paper describes) or ``"all"`` positions
-            (as the released agent/video code does).
+            (as the released agent/video code does). On a conversation, ``"all"`` is every position
+            of every turn (system, earlier replies, tool responses) and ``"visual"`` the tokens of
+            every image of every turn. The default stays ``"visual"``, the paper's description and
+            what the image-math analyses compare; :meth:`HardInjection.released_agent` sets ``"all"``.
         depth: ``"released"`` or ``"same"`` (see the module docstring).
         token_chunk: Positions per lens projection (bounds memory at ``chunk × vocab``).
     """
@@ -142,6 +145,28 @@ class HardInjection(Intervention):
         super().__init__("rlvr")
         self.config = InjectionConfig(layers=tuple(layers), **kwargs)
         self.plan: InjectionPlan | None = None
+
+    @classmethod
+    def released_agent(cls, **overrides: Any) -> HardInjection:
+        """The swap of the released agent and video code (DeepEyes, Video-R1), settings as released.
+
+        Layers 0..6, the fixed per-layer thresholds (:data:`~lens.masks.RELEASED_THRESHOLDS`) with
+        base < RLVR entropy, low entropy, the input of block L swapped (``depth="released"``), and the
+        mask over **all positions** (``scope="all"``: system prompt, text, every image and every
+        earlier turn), as latentcraft/replay ``deepeyes/replay_eval/*.py`` builds it (see
+        ``shared/research/replay_official.md`` §3.4). Any setting can be overridden, e.g.
+        ``scope="visual"`` to restrict the swap to the visual tokens of every turn.
+        """
+        settings: dict[str, Any] = dict(
+            layers=tuple(range(len(RELEASED_THRESHOLDS))),
+            select="low",
+            rule="fixed",
+            thresholds=RELEASED_THRESHOLDS,
+            scope="all",
+            depth="released",
+        )
+        settings.update(overrides)
+        return cls(**settings)
 
     def setting(self) -> str:
         c = self.config

@@ -48,7 +48,8 @@ device's autocast op lists and on each family's layer code), and adding Δ after
 method's injection point and is rounded away again at block 1's output).
 
 Speed (same numbers, less work): the base side runs once and keeps only the top-k ids and
-log-probabilities at the selected positions; the RLVR side runs the vision tower once (``inputs_embeds``),
+log-probabilities at the selected positions; the RLVR side runs the vision tower once (``inputs_embeds``,
+or the family's cached vision inputs, see ``ArchitectureAdapter.cached_vision_inputs``),
 stops its forward at the last replay layer, projects only the k unembedding rows it needs, and builds
 no graph for the weights.
 """
@@ -330,11 +331,20 @@ class _FastObjective:
         self.visual = inputs.visual_positions.to(pair.device)
         self.n_tokens = inputs.n_tokens
         self.layers = [layer for layer in config.layers if layer in targets.selected]
-        # inputs_embeds (text embeddings with the vision features merged in) = the input of block 0.
-        embeds = capture_block_residuals(self.model, pair.adapter, inputs.model_inputs, inputs_of=(0,))
-        self.embeds = embeds[("in", 0)].unsqueeze(0)
-        # Without pixels the vision tower is skipped; input_ids stay so mRoPE positions are unchanged.
-        self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
+        # The vision tower runs once. A family that needs more than the merged features (Qwen3-VL's
+        # DeepStack) caches its own vision output and runs the full forward from it; otherwise the
+        # input of block 0 (text embeddings with the vision features merged in) is captured once and
+        # handed to block 0 by a hook, and the forward runs without pixels (input_ids stay, so mRoPE
+        # positions are unchanged; a hook, not inputs_embeds=, because GLM-4V, InternVL and LLaVA
+        # refuse input_ids and inputs_embeds together).
+        cached = pair.adapter.cached_vision_inputs(self.model, inputs.model_inputs)
+        self.embeds: torch.Tensor | None = None
+        if cached is not None:
+            self.forward_inputs: dict[str, Any] = cached
+        else:
+            embeds = capture_block_residuals(self.model, pair.adapter, inputs.model_inputs, inputs_of=(0,))
+            self.embeds = embeds[("in", 0)].unsqueeze(0)
+            self.forward_inputs = {k: v for k, v in inputs.model_inputs.items() if k not in PIXEL_KEYS}
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         config, lens, targets = self.config, self.lens, self.targets
@@ -358,9 +368,8 @@ class _FastObjective:
         register = edit_input if config.variant == "released" else edit_output
         handles: list[RemovableHandle] = []
         with installed(handles):
-            # The captured input of block 0 replaces the plain token embeddings there (a hook, not
-            # inputs_embeds=: GLM-4V refuses input_ids and inputs_embeds together).
-            handles.append(edit_input(blocks[0], lambda _: self.embeds))
+            if self.embeds is not None:  # the captured input of block 0 replaces the plain embeddings
+                handles.append(edit_input(blocks[0], lambda _: self.embeds))
             handles.extend(stream.install(blocks))  # next, so the terms read what it has written
             handles.extend(register(blocks[L], term(L)) for L in self.layers)
             try:

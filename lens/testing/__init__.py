@@ -22,7 +22,7 @@ QWEN_SPECIALS = (
 )
 
 # The structure of the real Qwen2-VL / Qwen2.5-VL chat template (system turn, one placeholder per
-# image, generation prompt), shortened to what replay-lens renders.
+# image or video, generation prompt), shortened to what replay-lens renders.
 QWEN_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -30,6 +30,7 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
