@@ -6,7 +6,9 @@ Strategies (``STRATEGIES``):
 * ``hard-low`` / ``hard-high``: :class:`~lens.interventions.HardInjection` of the base's residual
   stream at low / high base-entropy visual tokens (released depth convention);
 * ``replay`` / ``replay-high``: :class:`~lens.interventions.ActivationReplay` (released algorithm)
-  with the low-entropy mask or the inverted one.
+  with the low-entropy mask or the inverted one;
+* ``pti``: :class:`~lens.interventions.pti.PTI` (prefill-time KV-cache steering) with the directions
+  file ``pti_directions`` (``lens pti directions``); not in the default set, since it needs that file.
 
 The mask rule (``mask_rule``) is shared by injection and replay: ``"tau_max"`` (the released
 τ·max rule, the default) or ``"quantile"`` (rank-based: the lowest-entropy fraction q of the visual
@@ -53,7 +55,9 @@ from lens.records import RecordWriter, write_tables
 
 #: Mask rules an intervention run accepts (``fixed`` needs per-layer thresholds; use the API).
 MASK_CHOICES = ("tau_max", "quantile")
-STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high")
+STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high", "pti")
+#: What runs when no strategy is named (``pti`` needs a directions file).
+DEFAULT_STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high")
 #: A verifier: a name from :data:`lens.scoring.VERIFIERS`, a :class:`lens.scoring.Verifier`, or a
 #: callable ``fn(response, answer) -> bool``.
 Verifier = str | Callable[..., Any]
@@ -92,9 +96,11 @@ class InterventionRunConfig:
             ``plain``).
         system: System prompt replacing the preset's (``""``: none; ``None``: the preset's).
         verifier: Answer checker name (:data:`lens.scoring.VERIFIERS`; ``"auto"`` picks per item).
+        pti_directions: The PTI directions file (``.safetensors``, from ``lens pti directions``);
+            required by the ``pti`` strategy.
     """
 
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     layers: tuple[int, ...] | None = None
     tau: float = 0.4
     mask_rule: str = "tau_max"
@@ -116,6 +122,7 @@ class InterventionRunConfig:
     prompt: str | None = None
     system: str | None = None
     verifier: str = "auto"
+    pti_directions: str | None = None
 
     def __post_init__(self) -> None:
         from lens.prompts import get_preset
@@ -147,6 +154,11 @@ class InterventionRunConfig:
         if self.mask_rule not in MASK_CHOICES:
             raise ConfigError(f"mask rule must be one of {', '.join(MASK_CHOICES)}; got {self.mask_rule!r}")
         _ = self.mask  # validates tau and quantile
+        if "pti" in self.strategies and self.pti_directions is None:
+            raise ConfigError(
+                "the pti strategy needs its directions file (--pti-directions FILE); "
+                "make one with `lens pti directions`"
+            )
 
     @property
     def mask(self) -> EntropyMask:
@@ -173,6 +185,13 @@ def make_intervention(strategy: str, config: InterventionRunConfig, n_layers: in
     if strategy == "base":
         return Baseline("base")
     select = "high" if strategy.endswith("-high") else "low"
+    if strategy == "pti":
+        from lens.interventions.pti import PTI
+        from lens.interventions.pti_directions import PTIDirections
+
+        if config.pti_directions is None:
+            raise ConfigError("the pti strategy needs its directions file (--pti-directions FILE)")
+        return PTI(PTIDirections.load(config.pti_directions))
     if strategy.startswith("hard"):
         return HardInjection(
             layers=layers, select=select, rule=config.mask_rule, tau=config.tau, quantile=config.quantile
@@ -359,7 +378,8 @@ def run_settings(
     settings = {"pair": list(getattr(pair, "names", ())), **asdict(config), "decoding": decoding.to_dict()}
     if pairs is not None:
         settings["decoding"] = {strategy: d.to_dict() for strategy, d in decodings.items()}
-    for key in ("strategies", "ks", "n_boot", "batch_size"):
+    # The PTI directions enter each PTI record's key through their digest, not their path.
+    for key in ("strategies", "ks", "n_boot", "batch_size", "pti_directions"):
         settings.pop(key)
     # The effective prompt (a preset named in a checkpoint side file counts) and the scorer's version:
     # verdicts can change between math-verify releases.

@@ -32,6 +32,7 @@ COMMANDS = (
     "export",
     "organism",
     "reproduce",
+    "pti",
 )
 
 _OS_ERRORS = {

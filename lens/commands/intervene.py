@@ -29,7 +29,7 @@ from lens.commands.runs import (
 from lens.errors import ConfigError
 
 #: Strategies that act on visual tokens, so every item needs an image.
-VISUAL_STRATEGIES = ("hard-low", "hard-high", "replay", "replay-high")
+VISUAL_STRATEGIES = ("hard-low", "hard-high", "replay", "replay-high", "pti")
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +101,7 @@ def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
         prompt=args.prompt,
         system=args.system,
         verifier=args.verifier,
+        pti_directions=getattr(args, "pti_directions", None),
     )
 
 
@@ -126,6 +127,8 @@ def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str
     visual = [s for s in strategies if s in VISUAL_STRATEGIES]
     if any(s.startswith("replay") for s in strategies):
         check_topk(config.topk, spec.vocab_size)
+    if "pti" in strategies:
+        check_pti_directions(config.pti_directions, spec)
     for strategy in strategies:
         make_intervention(strategy, config, spec.n_layers)
     check_samples(
@@ -139,21 +142,45 @@ def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str
     return samples, models
 
 
+def check_pti_directions(path: str | None, spec: Any) -> None:
+    """Refuse, from the sidecar alone, PTI directions made for other checkpoints or another depth."""
+    from lens.interventions.pti_directions import check_same_pair, read_meta
+
+    if path is None:
+        raise ConfigError("--strategies pti needs --pti-directions FILE (make it with `lens pti directions`)")
+    meta = read_meta(path)
+    if len(spec.checkpoints) == 2:
+        check_same_pair(
+            meta["checkpoints"], meta.get("names", ("base", "rlvr")), spec.checkpoints, spec.sources
+        )
+    if meta["shape"][0] != spec.n_layers:
+        raise ConfigError(
+            f"{path}: PTI directions for {meta['shape'][0]} layers, the pair has {spec.n_layers}"
+        )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from analyses.intervention import STRATEGIES
+    from analyses.intervention import DEFAULT_STRATEGIES, STRATEGIES
 
     parser = subparsers.add_parser(
         "intervene",
         help="hard injection / Activation Replay, scored with greedy pass@1 and pass@k",
-        description="Decode with each strategy (rlvr, base, hard-low, hard-high, replay, replay-high) "
+        description="Decode with each strategy (rlvr, base, hard-low, hard-high, replay, replay-high, "
+        "and pti with --pti-directions) "
         "and score greedy pass@1 and sampled pass@k with bootstrap CIs.",
     )
     add_pair_arguments(parser, several=True)
     add_run_arguments(parser, "runs/intervene")
     parser.add_argument(
         "--strategies",
-        default=",".join(STRATEGIES),
-        help=f"comma-separated (default: {','.join(STRATEGIES)})",
+        default=",".join(DEFAULT_STRATEGIES),
+        help=f"comma-separated, of {','.join(STRATEGIES)} (default: {','.join(DEFAULT_STRATEGIES)})",
+    )
+    parser.add_argument(
+        "--pti-directions",
+        default=None,
+        metavar="FILE",
+        help="PTI steering directions (.safetensors from `lens pti directions`), for --strategies pti",
     )
     parser.set_defaults(handler=run)
 
