@@ -74,6 +74,7 @@ class ModelSet:
         image_processor: The image processor, or ``None`` for text-only models.
         image_first: Whether images go before the text in the user turn.
         prompt_preset: The prompt preset named in the checkpoints' side files, or ``None``.
+        video_options: The run's video defaults (see :attr:`lens.ModelPair.video_options`).
     """
 
     models: dict[str, nn.Module]
@@ -83,6 +84,7 @@ class ModelSet:
     image_processor: Any | None = None
     image_first: bool = True
     prompt_preset: str | None = None
+    video_options: Any = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -103,6 +105,7 @@ class ModelSet:
             self.image_first,
             (reference, other),
             self.prompt_preset,
+            video_options=self.video_options,
         )
 
     def encode(

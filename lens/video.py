@@ -186,7 +186,9 @@ def sample_indices(total_frames: int, video_fps: float, options: VideoOptions) -
         min_frames = math.ceil(FPS_MIN_FRAMES / FRAME_FACTOR) * FRAME_FACTOR
         max_frames = math.floor(min(FPS_MAX_FRAMES, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
         wanted = total_frames / video_fps * fps
-        nframes = math.floor(min(max(wanted, min_frames), max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+        nframes = (
+            math.floor(min(max(wanted, min_frames), max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+        )
     if not FRAME_FACTOR <= nframes <= total_frames:
         raise InputError(
             f"cannot sample {nframes} frames from a video of {total_frames} "

@@ -74,7 +74,9 @@ def test_read_video_samples_uniformly_like_qwen_vl_utils(video_path, frames):
     assert sample_indices(100, 25.0, VideoOptions(fps=2.0)) == tuple(
         int(i) for i in np.rint(np.linspace(0, 99, 8))
     )
-    assert sample_indices(100, 25.0, VideoOptions(nframes=5)) == sample_indices(100, 25.0, VideoOptions(nframes=4))
+    assert sample_indices(100, 25.0, VideoOptions(nframes=5)) == sample_indices(
+        100, 25.0, VideoOptions(nframes=4)
+    )
     with pytest.raises(InputError, match="cannot sample 8 frames from a video of 6"):
         read_video(video_path, VideoOptions(nframes=8))
 
@@ -101,7 +103,10 @@ def _torchvision_stand_in() -> types.ModuleType:
         if tuple(size) == (h, w):
             return image
         out = F.interpolate(
-            image.reshape(-1, c, h, w), size=list(size), mode=interpolation.value, align_corners=False,
+            image.reshape(-1, c, h, w),
+            size=list(size),
+            mode=interpolation.value,
+            align_corners=False,
             antialias=antialias,
         )
         return out.reshape(*lead, c, *size)
@@ -174,7 +179,9 @@ def test_video_inputs_equal_stock_processor(pair, stock_processor, video_path, m
     tok = pair.tokenizer
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    meta = VideoMetadata(total_num_frames=clip.total_frames, fps=clip.video_fps, frames_indices=list(clip.indices))
+    meta = VideoMetadata(
+        total_num_frames=clip.total_frames, fps=clip.video_fps, frames_indices=list(clip.indices)
+    )
     expected = stock_processor(
         text=[text + RESPONSE + tok.eos_token],
         videos=[clip.frames],  # the same decoded frames: the equality is about the processing
@@ -201,10 +208,15 @@ def test_video_roles_frames_and_time_positions(pair, video_inputs):
     positions = inputs.visual_positions
     assert positions.numel() == 2 * per_frame
     assert (inputs.input_ids[0, positions] == video_id).all()
-    assert inputs.tokens[positions[0] - 1] == "<|vision_start|>" and inputs.tokens[positions[-1] + 1] == "<|vision_end|>"
+    assert (
+        inputs.tokens[positions[0] - 1] == "<|vision_start|>"
+        and inputs.tokens[positions[-1] + 1] == "<|vision_end|>"
+    )
     assert [inputs.frames[p] for p in positions.tolist()] == [0] * per_frame + [1] * per_frame
     assert sum(f >= 0 for f in inputs.frames) == positions.numel() and len(inputs.frames) == inputs.n_tokens
-    assert inputs.model_inputs["mm_token_type_ids"][0].tolist() == [2 if r == ROLE_VISUAL else 0 for r in inputs.roles]
+    assert inputs.model_inputs["mm_token_type_ids"][0].tolist() == [
+        2 if r == ROLE_VISUAL else 0 for r in inputs.roles
+    ]
     assert inputs.to("cpu").frames == inputs.frames
     # The mRoPE time positions use second_per_grid_ts: changing it changes the RLVR's logits.
     with torch.no_grad():
@@ -232,7 +244,9 @@ def test_bad_video_items_fail_with_file_and_line(tmp_path, video_path):
         ({"nframes": 4}, "without a 'video'"),
     ]
     for row, message in cases:
-        path = write_dataset(tmp_path, [{"id": "a", "question": PROMPT}, {"id": "b", "question": PROMPT, **row}])
+        path = write_dataset(
+            tmp_path, [{"id": "a", "question": PROMPT}, {"id": "b", "question": PROMPT, **row}]
+        )
         with pytest.raises(DatasetError, match=f"data.jsonl:2: .*{message}"):
             load_jsonl(path)
 
@@ -244,7 +258,9 @@ def test_video_jsonl_reads_options_and_checks_before_loading(tmp_path, video_pat
     assert "nframes" not in sample.meta and "video" not in sample.meta
     check_images([sample])  # the pre-load check of every command
     with pytest.raises(InputError, match="sample 'w': cannot sample 8 frames"):
-        check_images([Sample(id="w", question=PROMPT, video=video_path, video_options=VideoOptions(nframes=8))])
+        check_images(
+            [Sample(id="w", question=PROMPT, video=video_path, video_options=VideoOptions(nframes=8))]
+        )
 
 
 def test_video_for_text_only_pair_refused_before_weights(tmp_path, video_path, lm_dirs, capsys):
@@ -252,7 +268,19 @@ def test_video_for_text_only_pair_refused_before_weights(tmp_path, video_path, l
 
     data = write_dataset(tmp_path, [{"id": "v", "question": PROMPT, "video": str(video_path), "nframes": 4}])
     out = tmp_path / "out"
-    code = main(["drift", "--base", str(lm_dirs[0]), "--rlvr", str(lm_dirs[1]), "--data", str(data), "--out", str(out)])
+    code = main(
+        [
+            "drift",
+            "--base",
+            str(lm_dirs[0]),
+            "--rlvr",
+            str(lm_dirs[1]),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     assert "has a video, but decoder-only causal LM" in capsys.readouterr().err
     assert not out.exists()
@@ -264,7 +292,9 @@ def test_video_for_text_only_pair_refused_before_weights(tmp_path, video_path, l
 def test_drift_on_a_video_item(pair, video_path):
     from analyses.kl_drift import run_drift
 
-    sample = Sample(id="v", question=PROMPT, response=RESPONSE, video=video_path, video_options=VideoOptions(nframes=4))
+    sample = Sample(
+        id="v", question=PROMPT, response=RESPONSE, video=video_path, video_options=VideoOptions(nframes=4)
+    )
     result = run_drift(pair, [sample])
     visual = result.buckets[result.buckets["token_group"] == "visual"]
     assert len(visual) > 0 and (visual["n"] > 0).any() if "n" in visual else len(visual) > 0
@@ -297,7 +327,53 @@ def test_replay_on_video_tokens_equals_reference(pair, video_inputs):
 def test_video_clip_given_directly_and_json_roundtrip(pair, video_path):
     clip = read_video(video_path, VideoOptions(nframes=4))
     a = pair.encode(PROMPT, videos=[clip])
-    b = pair.encode(messages=[{"role": "user", "content": [{"type": "video", "video": str(video_path), "nframes": 4}, {"type": "text", "text": PROMPT}]}])
+    b = pair.encode(
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": str(video_path), "nframes": 4},
+                    {"type": "text", "text": PROMPT},
+                ],
+            }
+        ]
+    )
     assert torch.equal(a.input_ids, b.input_ids)
     assert torch.equal(a.model_inputs["pixel_values_videos"], b.model_inputs["pixel_values_videos"])
     assert isinstance(clip, VideoClip) and json.dumps(list(clip.indices))
+
+
+# -- the run's video flags ------------------------------------------------------------------------
+
+
+def test_run_video_flags_fill_item_options_and_are_checked_before_loading(
+    tmp_path, video_path, vl_dirs, capsys, monkeypatch
+):
+    import json
+
+    import lens.loading
+    from lens.cli import main
+
+    data = write_dataset(tmp_path, [{"id": "v", "question": PROMPT, "video": str(video_path)}])
+    pair_args = ["--base", str(vl_dirs[0]), "--rlvr", str(vl_dirs[1]), "--data", str(data), "--threads", "1"]
+    real_load = lens.loading.load_pair
+    monkeypatch.setattr(lens.loading, "load_pair", lambda *a, **k: pytest.fail("loaded weights"))
+    for flags, fragment in (
+        (["--nframes", "1"], "--nframes must be an integer >= 2"),
+        (["--nframes", "4", "--fps", "1"], "--nframes or its --fps, not both"),
+        (["--nframes", "64"], "sample 'v'"),
+    ):
+        out = tmp_path / "refused"
+        assert main(["drift", *pair_args, *flags, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert not out.exists()
+    monkeypatch.setattr(lens.loading, "load_pair", real_load)
+    counts = {}
+    for nframes in (2, 4):
+        out = tmp_path / f"n{nframes}"
+        assert main(["drift", *pair_args, "--nframes", str(nframes), "--layers", "0", "--out", str(out)]) == 0
+        (record,) = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        counts[nframes] = sum(stop - start for start, stop in record["visual"])
+    # Two frames make one temporal patch, four make two: twice the video tokens.
+    assert counts[4] == 2 * counts[2] > 0

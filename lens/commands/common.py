@@ -324,6 +324,37 @@ def add_data_arguments(parser: argparse.ArgumentParser, items_help: str) -> None
         help="answer checker: auto (organism items: organism; items with options: choice; else math), "
         "math (math-verify), choice, organism (default auto)",
     )
+    add_video_arguments(parser)
+
+
+def add_video_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--nframes``/``--fps``/``--max-pixels``/``--min-pixels``: the run's defaults for video items
+    (an item's own options win; Video-R1 evaluates with ``--nframes 16 --max-pixels 200704``)."""
+    group = parser.add_argument_group("video items")
+    group.add_argument("--nframes", type=int, default=None, help="frames sampled per video (even, >= 2)")
+    group.add_argument("--fps", type=float, default=None, help="frames per second sampled (default 2)")
+    group.add_argument("--max-pixels", type=int, default=None, help="pixel budget per frame")
+    group.add_argument("--min-pixels", type=int, default=None, help="lower pixel bound per frame")
+
+
+def video_options(args: argparse.Namespace) -> Any:
+    """The run's :class:`lens.video.VideoOptions` from the video flags, or ``None`` when none is given.
+
+    Raises:
+        ConfigError: Invalid values (``--nframes 1``, ``--nframes`` with ``--fps``, ...).
+    """
+    from lens.video import VideoOptions
+
+    values = {name: getattr(args, name, None) for name in ("nframes", "fps", "max_pixels", "min_pixels")}
+    if all(v is None for v in values.values()):
+        return None
+    try:
+        return VideoOptions(**values)
+    except InputError as exc:
+        message = str(exc)
+        for name in values:
+            message = message.replace(f"'{name}'", f"--{name.replace('_', '-')}")
+        raise ConfigError(message) from None
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -362,7 +393,7 @@ def read_items(args: argparse.Namespace, organism_default: int) -> list[Any]:
         from lens import organism
 
         samples = organism.heldout(n=args.items or organism_default)
-    check_images(samples)
+    check_images(samples, video_options(args))
     return samples
 
 
@@ -480,10 +511,14 @@ def load_pair_from_args(args: argparse.Namespace, device: str | None = None) -> 
     apply_threads(args)
     if args.base != "organism" and args.rlvr is None:
         raise ConfigError("--rlvr is required when --base is a checkpoint folder")
-    return load_pair(
+    pair = load_pair(
         args.base,
         args.rlvr,
         dtype=args.dtype,
         device=device or args.device,
         device_map=getattr(args, "device_map", None),
     )
+    options = video_options(args)
+    if options is not None:
+        pair.video_options = options
+    return pair

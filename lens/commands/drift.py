@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lens.commands.common import (
     add_pair_arguments,
+    add_video_arguments,
     check_layers,
     check_resume,
     check_run_options,
@@ -14,6 +15,7 @@ from lens.commands.common import (
     inspect_pair,
     parse_layers,
     read_dataset,
+    video_options,
 )
 from lens.commands.runs import (
     load_set_from_args,
@@ -36,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--buckets", type=int, default=5, help="base-entropy quantile buckets (default 5)")
     parser.add_argument("--layers", default=None, help="layers, e.g. 0-15 (default: all)")
     parser.add_argument("--no-resume", action="store_true", help="discard records already in --out")
+    add_video_arguments(parser)
     parser.add_argument(
         "--csv",
         action="store_true",
@@ -65,7 +68,7 @@ def load_samples(args: argparse.Namespace) -> list:
     if args.limit is not None:
         samples = samples[: args.limit]
     # Before loading the pair: a corrupt image fails fast and leaves nothing behind.
-    check_images(samples)
+    check_images(samples, video_options(args))
     return samples
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lens.commands.common import PairSpec, apply_threads, inspect_pair, load_pair_from_args
+from lens.commands.common import PairSpec, apply_threads, inspect_pair, load_pair_from_args, video_options
 from lens.errors import ConfigError, ReplayLensError
 
 
@@ -159,7 +159,7 @@ def load_set_from_args(args: argparse.Namespace, models: SetSpec, device: str | 
         from lens import organism
 
         image_first = organism.IMAGE_FIRST
-    return load_models(
+    model_set = load_models(
         models.sources,
         models.shape,
         dtype=args.dtype,
@@ -167,6 +167,8 @@ def load_set_from_args(args: argparse.Namespace, models: SetSpec, device: str | 
         device_map=getattr(args, "device_map", None),
         image_first=image_first,
     )
+    model_set.video_options = video_options(args)
+    return model_set
 
 
 def run_comparisons(

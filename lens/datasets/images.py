@@ -49,11 +49,16 @@ def resolve_image_path(value: str, base: Path, where: str) -> Path:
     return path
 
 
-def check_images(samples: Iterable[Any]) -> None:
+def check_images(samples: Iterable[Any], video_defaults: Any = None) -> None:
     """Decode every image of every sample (paths and bytes), so a corrupt one fails before any output.
 
     In-memory PIL images (the organism's) are already decoded and are skipped. A sample's video
     is probed (every packet read, no frame decoded) and its frame count checked against its options.
+
+    Args:
+        samples: The dataset's items.
+        video_defaults: The run's :class:`lens.video.VideoOptions` (``--nframes`` ...), which fill the
+            options an item leaves unset.
 
     Raises:
         InputError: A missing, unreadable or corrupt image, or a missing, unreadable or empty video
@@ -67,7 +72,7 @@ def check_images(samples: Iterable[Any]) -> None:
         if video is not None:
             try:
                 info = probe_video(video)
-                options = getattr(sample, "video_options", None) or VideoOptions()
+                options = (getattr(sample, "video_options", None) or VideoOptions()).over(video_defaults)
                 sample_indices(info.total_frames, info.fps, options)
             except InputError as exc:
                 raise InputError(f"sample {sample.id!r}: {exc}") from exc

@@ -504,7 +504,9 @@ def build_inputs(
         skeleton, pieces = _render(tokenizer, turns)
     else:
         if pil_images or video_parts:
-            raise InputError("images and videos need a chat template that places them; the tokenizer has none")
+            raise InputError(
+                "images and videos need a chat template that places them; the tokenizer has none"
+            )
         if len(turns) != 1:
             raise InputError(
                 "a system prompt or a conversation needs a chat template; the tokenizer has none"
@@ -605,7 +607,9 @@ def _position_frames(input_ids: torch.Tensor, config: Any, token_frames: Sequenc
     frames = [-1] * int(input_ids.shape[0])
     video_positions = (input_ids == int(config.video_token_id)).nonzero().flatten().tolist()
     if len(video_positions) != len(token_frames):
-        raise InputError(f"tokenized {len(video_positions)} video tokens but the videos need {len(token_frames)}")
+        raise InputError(
+            f"tokenized {len(video_positions)} video tokens but the videos need {len(token_frames)}"
+        )
     for position, frame in zip(video_positions, token_frames, strict=True):
         frames[position] = frame
     return tuple(frames)
