@@ -377,3 +377,19 @@ def test_run_video_flags_fill_item_options_and_are_checked_before_loading(
         counts[nframes] = sum(stop - start for start, stop in record["visual"])
     # Two frames make one temporal patch, four make two: twice the video tokens.
     assert counts[4] == 2 * counts[2] > 0
+
+
+def test_heatmap_marks_where_each_frame_starts(pair, video_path, tmp_path):
+    from analyses.kl_drift import run_drift
+    from lens.plot.heatmaps import frame_boundaries, plot_layer_token_heatmaps
+
+    assert frame_boundaries([-1, 0, 0, 1, 1, -1, 2]) == [3, 6]
+    sample = Sample(id="v", question=PROMPT, video=video_path, video_options=VideoOptions(nframes=6))
+    inputs = pair.encode(PROMPT, videos=[VideoPart(video_path, VideoOptions(nframes=6))])
+    boundaries = frame_boundaries(inputs.frames)
+    assert len(boundaries) == 2  # six frames: three temporal patches
+    table = run_drift(pair, [sample]).table
+    fig = plot_layer_token_heatmaps(table, frames=inputs.frames)
+    fig.savefig(tmp_path / "heatmap.png")
+    dashed = [line for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert sorted({line.get_xdata()[0] + 0.5 for line in dashed}) == boundaries

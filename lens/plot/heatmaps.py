@@ -88,6 +88,7 @@ def plot_layer_token_heatmaps(
     sample_id: str | None = None,
     metrics: Sequence[str] = ("base_entropy", "kl_base_rlvr"),
     title: str | None = None,
+    frames: Sequence[int] | None = None,
 ) -> Figure:
     """Full layer × position heatmaps of one sample, with a band showing each position's role.
 
@@ -97,6 +98,9 @@ def plot_layer_token_heatmaps(
         sample_id: The sample to draw (default: the first).
         metrics: One heatmap row per metric.
         title: Optional title (default: the sample id).
+        frames: For a video item, the temporal patch of every position (``PairInputs.frames``; -1
+            for non-video tokens): a dashed line marks where one frame's tokens end and the next's
+            begin, so the drift can be read per frame.
 
     Returns:
         The figure.
@@ -158,10 +162,26 @@ def plot_layer_token_heatmaps(
             fig.colorbar(image, cax=cax).set_label("nats")
             if metric is not metrics[-1]:
                 ax.set_xticklabels([])
+            for boundary in frame_boundaries(frames):
+                ax.axvline(boundary - 0.5, color="#e41a1c", lw=0.8, ls="--")  # visible on all of viridis
         axes[-1][0].set_xlabel("token position")
         fig.suptitle(title or f"sample {sample_id}", y=1.0)
         fig.tight_layout(h_pad=0.4)
     return fig
+
+
+def frame_boundaries(frames: Sequence[int] | None) -> list[int]:
+    """Positions where a video's next temporal patch starts (the first token of each frame but the
+    first), from per-position frame indices (-1 for non-video tokens)."""
+    if frames is None:
+        return []
+    found, previous = [], -1
+    for position, frame in enumerate(frames):
+        if frame >= 0 and previous >= 0 and frame != previous:
+            found.append(position)
+        if frame >= 0:
+            previous = frame
+    return found
 
 
 def plot_visual_grid(
