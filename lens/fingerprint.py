@@ -164,8 +164,15 @@ def models_fingerprint(models: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def pair_fingerprint(pair: Any) -> dict[str, Any]:
-    """Fingerprint of a :class:`lens.ModelPair`: both checkpoints, the dtype and the device type."""
-    return models_fingerprint({"base": pair.base, "rlvr": pair.rlvr})
+    """Fingerprint of a :class:`lens.ModelPair`: both checkpoints, the dtype, the device type and the
+    settings of the image processor both models are fed through (they decide the visual tokens)."""
+    found = models_fingerprint({"base": pair.base, "rlvr": pair.rlvr})
+    processor = getattr(pair, "image_processor", None)
+    if processor is not None:
+        from lens.loading import image_processor_settings
+
+        found["image_processor"] = json.loads(json.dumps(image_processor_settings(processor), default=str))
+    return found
 
 
 def without_paths(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -216,6 +223,12 @@ def describe_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
     for key, label in (("dtype", "dtype"), ("device", "device type")):
         if stored.get(key) != wanted.get(key):
             changes.append(f"{label} changed: {stored.get(key)} -> {wanted.get(key)}")
+    # Compared only when both have it: fingerprints stored before it was recorded still resume.
+    old_ip, new_ip = stored.get("image_processor"), wanted.get("image_processor")
+    if old_ip is not None and new_ip is not None and old_ip != new_ip:
+        keys = sorted(k for k in set(old_ip) | set(new_ip) if old_ip.get(k) != new_ip.get(k))
+        shown = ", ".join(f"{k} {old_ip.get(k)!r} -> {new_ip.get(k)!r}" for k in keys[:3])
+        changes.append(f"image processor changed: {shown}")
     return changes
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from lens.adapters import ArchitectureAdapter, adapter_for
-from lens.errors import CheckpointError, PairMismatchError
+from lens.errors import CheckpointError, ConfigError, PairMismatchError
 from lens.inputs import ImageLike, Message, PairInputs, build_inputs
 from lens.video import VideoOptions, VideoPart
 
@@ -248,8 +248,8 @@ def _visual_tokens(processor: Any, width: int, height: int) -> int | None:
     return t * h * w // (merge * merge)
 
 
-def check_image_processors(base_processor: Any, rlvr_processor: Any) -> None:
-    """Refuse image processors with different settings, or different tensors for the same image.
+def image_processor_mismatch(base_processor: Any, rlvr_processor: Any) -> str | None:
+    """How two image processors differ (settings, or tensors for the same probe image), or ``None``.
 
     The settings are compared directly (pixel budget, patch, merge and temporal patch sizes,
     resampling, normalisation): a small probe image fits in any pixel budget, so only the settings
@@ -263,10 +263,7 @@ def check_image_processors(base_processor: Any, rlvr_processor: Any) -> None:
         effect = ""
         if None not in counts and counts[0] != counts[1]:
             effect = f" (a 1920x1080 image gives {counts[0]} visual tokens in base, {counts[1]} in rlvr)"
-        raise PairMismatchError(
-            f"image processors differ in their settings: {shown}{effect}; "
-            "make the two checkpoints' preprocessor_config.json agree"
-        )
+        return f"image processors differ in their settings: {shown}{effect}"
     image = _probe_image()
     b = base_processor(images=[image], return_tensors="pt")
     r = rlvr_processor(images=[image], return_tensors="pt")
@@ -278,7 +275,24 @@ def check_image_processors(base_processor: Any, rlvr_processor: Any) -> None:
                 or b[key].shape != r[key].shape
                 or not torch.equal(b[key], r[key])
             ):
-                raise PairMismatchError(f"image processors differ: different {key} for the same image")
+                return f"image processors differ: different {key} for the same image"
+    return None
+
+
+def check_image_processors(base_processor: Any, rlvr_processor: Any) -> None:
+    """Refuse image processors with different settings, or different tensors for the same image.
+
+    Raises:
+        PairMismatchError: Naming the difference, and the way out: make the checkpoints'
+            ``preprocessor_config.json`` agree, or feed both models through one side's processor
+            (``processor="rlvr"``, ``--processor rlvr``), as the released replay code does.
+    """
+    problem = image_processor_mismatch(base_processor, rlvr_processor)
+    if problem:
+        raise PairMismatchError(
+            f"{problem}; make the two checkpoints' preprocessor_config.json agree, or feed both "
+            "models through one side's with --processor rlvr (or base)"
+        )
 
 
 def _resolve(path_or_id: str | Path) -> str:
@@ -385,6 +399,7 @@ def load_pair(
     device_map: str | dict[str, Any] | None = None,
     image_first: bool = True,
     attn_implementation: str | None = None,
+    processor: str | None = None,
 ) -> ModelPair:
     """Load a base/RLVR pair from two checkpoint folders (or hub ids where a network exists).
 
@@ -396,6 +411,9 @@ def load_pair(
         device_map: An accelerate device map, e.g. ``"auto"``.
         image_first: Whether images precede the text in the user turn.
         attn_implementation: Passed to transformers (e.g. ``"sdpa"``, ``"eager"``).
+        processor: ``None`` refuses image processors that differ; ``"rlvr"`` or ``"base"`` feeds both
+            models through that checkpoint's (as the released replay code feeds both through one),
+            with a warning naming the differences.
 
     Returns:
         The pair, in eval mode with frozen weights.
@@ -416,6 +434,7 @@ def load_pair(
             device=device,
             device_map=device_map,
             attn_implementation=attn_implementation,
+            processor=processor,
         )
     if rlvr is None:
         raise CheckpointError("load_pair needs both a base and an rlvr checkpoint")
@@ -430,8 +449,17 @@ def load_pair(
         base_ip, rlvr_ip = _load_image_processor(base_src), _load_image_processor(rlvr_src)
     # Refuse a mismatched pair before loading (possibly many GB of) weights.
     check_tokenizers(base_tok, rlvr_tok)
+    if processor not in (None, "rlvr", "base"):
+        raise ConfigError(f"processor must be 'rlvr' or 'base', got {processor!r}")
     if base_ip is not None and rlvr_ip is not None:
-        check_image_processors(base_ip, rlvr_ip)
+        if processor is None:
+            check_image_processors(base_ip, rlvr_ip)
+        else:
+            problem = image_processor_mismatch(base_ip, rlvr_ip)
+            if problem:
+                warnings.warn(f"{problem}; both models get the {processor} checkpoint's", stacklevel=2)
+            if processor == "base":
+                rlvr_ip = base_ip
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -113,3 +113,41 @@ def test_legacy_min_max_pixels_keys_are_compared(tmp_path):
 
     with pytest.raises(PairMismatchError, match="12845056.*501760"):
         check_image_processors(processor(12845056), processor(501760))
+
+
+def test_processor_choice_feeds_both_models_through_one_side_and_is_fingerprinted(tmp_path, capfd):
+    """The released code feeds both models through one processor; --processor does the same, warns
+    with the difference, and a resume with the other choice is refused (its visual tokens differ)."""
+    import warnings
+
+    from lens.cli import main
+    from lens.fingerprint import describe_changes, pair_fingerprint
+
+    small, large = tiny_image_processor(max_side=112), tiny_image_processor(max_side=224)
+    tok = tiny_tokenizer()
+    base = save_checkpoint(tiny_qwen25vl(tok, seed=0), tok, tmp_path / "base", small)
+    rlvr = save_checkpoint(tiny_qwen25vl(tok, seed=1), tok, tmp_path / "rlvr", large)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on_base = load_pair(base, rlvr, processor="base")
+    assert any("both models get the base checkpoint's" in str(w.message) for w in caught)
+    on_rlvr = load_pair(base, rlvr, processor="rlvr")
+    assert on_base.image_processor.size == small.size and on_rlvr.image_processor.size == large.size
+    changes = describe_changes(pair_fingerprint(on_rlvr), pair_fingerprint(on_base))
+    assert changes and changes[0].startswith("image processor changed: size")
+    image = random_image(200, 200)
+    assert on_base.encode(PROMPT, [image]).n_tokens < on_rlvr.encode(PROMPT, [image]).n_tokens
+
+    data = tmp_path / "data.jsonl"
+    image.save(tmp_path / "img.png")
+    data.write_text(
+        json.dumps({"id": "a", "question": PROMPT, "image": "img.png", "response": RESPONSE}) + "\n"
+    )
+    argv = ["drift", "--base", str(base), "--rlvr", str(rlvr), "--data", str(data), "--threads", "1"]
+    out = str(tmp_path / "out")
+    assert main([*argv, "--out", out]) == 2  # refused: the processors differ
+    assert "--processor rlvr" in capfd.readouterr().err
+    assert main([*argv, "--processor", "rlvr", "--out", out]) == 0
+    capfd.readouterr()
+    assert main([*argv, "--processor", "base", "--out", out]) == 2
+    assert "image processor changed" in capfd.readouterr().err

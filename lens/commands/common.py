@@ -56,6 +56,13 @@ def add_pair_arguments(parser: argparse.ArgumentParser, several: bool = False) -
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
+        "--processor",
+        default=None,
+        choices=["rlvr", "base"],
+        help="feed both models through this checkpoint's image processor when the two differ "
+        "(default: refuse a pair whose processors differ)",
+    )
+    parser.add_argument(
         "--device-map",
         default=None,
         choices=["auto", "balanced", "sequential"],
@@ -233,7 +240,9 @@ def inspect_pair(args: argparse.Namespace) -> PairSpec:
     base_cfg, rlvr_cfg = (_load_config(s) for s in sources)
     check_configs(base_cfg, rlvr_cfg)
     adapter = adapter_for(rlvr_cfg)
-    processor = _load_image_processor(sources[1]) if adapter.multimodal else None
+    # The processor the models will be fed through (--processor base picks the base checkpoint's).
+    side = 0 if getattr(args, "processor", None) == "base" else 1
+    processor = _load_image_processor(sources[side]) if adapter.multimodal else None
     checkpoints = {
         role: checkpoint_identity(src)
         for role, src in zip(("base", "rlvr"), sources, strict=True)
@@ -517,6 +526,7 @@ def load_pair_from_args(args: argparse.Namespace, device: str | None = None) -> 
         dtype=args.dtype,
         device=device or args.device,
         device_map=getattr(args, "device_map", None),
+        processor=getattr(args, "processor", None),
     )
     options = video_options(args)
     if options is not None:
