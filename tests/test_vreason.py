@@ -56,7 +56,9 @@ def test_controller_touches_only_last_layer_values_at_video_positions(pair, inpu
         cache = DynamicCache(config=model.config)
         if name == "offset":
             rows, heads, _, dim = seen["plain"][-1][2].shape
-            offset = torch.randn(rows, heads, columns.numel(), dim, generator=torch.Generator().manual_seed(0))
+            offset = torch.randn(
+                rows, heads, columns.numel(), dim, generator=torch.Generator().manual_seed(0)
+            )
             attach_controller(cache, n_layers - 1, columns, offset)
         inner = cache.update
 
@@ -191,7 +193,9 @@ def test_cli_rlvr_and_vreason_on_a_video_dataset(tmp_path, vl_dirs, video_path, 
     # Image-only items and bad settings: one line, before any weight loads, nothing written.
     images = write_dataset(tmp_path, [{"id": "i", "question": PROMPT, "answer": "2"}], name="text.jsonl")
     bad = tmp_path / "bad"
-    assert main(["intervene", "--strategies", "vreason", "--data", str(images), *common, "--out", str(bad)]) == 2
+    assert (
+        main(["intervene", "--strategies", "vreason", "--data", str(images), *common, "--out", str(bad)]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no video" in err and "vreason" in err
     assert main([*argv, *common, "--vreason-every", "0", "--out", str(bad)]) == 2

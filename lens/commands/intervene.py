@@ -154,7 +154,9 @@ def check_video_items(samples: list, data: Any) -> None:
 
     for sample in samples:
         if getattr(sample, "video", None) is None:
-            raise InputError(f"{where(sample, data)} has no video, but --strategies vreason acts on video tokens")
+            raise InputError(
+                f"{where(sample, data)} has no video, but --strategies vreason acts on video tokens"
+            )
 
 
 def check_pti_directions(path: str | None, spec: Any) -> None:

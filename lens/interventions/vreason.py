@@ -201,7 +201,9 @@ def attach_controller(cache: Any, layer: int, columns: torch.Tensor, offset: tor
             return all_keys, all_values
         cols = columns.to(all_values.device)
         if all_values.shape[0] != offset.shape[0]:
-            raise InputError(f"V-Reason prepared {offset.shape[0]} rows, the forward has {all_values.shape[0]}")
+            raise InputError(
+                f"V-Reason prepared {offset.shape[0]} rows, the forward has {all_values.shape[0]}"
+            )
         moved = all_values.index_select(2, cols).float() + offset.to(all_values.device)
         out = all_values.clone()
         out[:, :, cols] = moved.to(all_values.dtype)
