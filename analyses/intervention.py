@@ -9,6 +9,9 @@ Strategies (``STRATEGIES``):
   with the low-entropy mask or the inverted one;
 * ``pti``: :class:`~lens.interventions.pti.PTI` (prefill-time KV-cache steering) with the directions
   file ``pti_directions`` (``lens pti directions``); not in the default set, since it needs that file.
+* ``vreason``: :class:`~lens.interventions.vreason.VReason` (entropy-guided controller on the last
+  layer's video value cache; ``vreason_lr``, ``vreason_every``, ``vreason_lite``); video items only,
+  so not in the default set.
 
 The mask rule (``mask_rule``) is shared by injection and replay: ``"tau_max"`` (the released
 τ·max rule, the default) or ``"quantile"`` (rank-based: the lowest-entropy fraction q of the visual
@@ -55,12 +58,16 @@ from lens.records import RecordWriter, write_tables
 
 #: Mask rules an intervention run accepts (``fixed`` needs per-layer thresholds; use the API).
 MASK_CHOICES = ("tau_max", "quantile")
-STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high", "pti")
-#: What runs when no strategy is named (``pti`` needs a directions file).
+STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high", "pti", "vreason")
+#: What runs when no strategy is named (``pti`` needs a directions file, ``vreason`` video items).
 DEFAULT_STRATEGIES = ("rlvr", "base", "hard-low", "hard-high", "replay", "replay-high")
 #: A verifier: a name from :data:`lens.scoring.VERIFIERS`, a :class:`lens.scoring.Verifier`, or a
 #: callable ``fn(response, answer) -> bool``.
 Verifier = str | Callable[..., Any]
+
+
+#: Run settings that only V-Reason reads (they are part of its records' keys instead).
+VREASON_KEYS = ("vreason_lr", "vreason_every", "vreason_lite")
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -98,6 +105,9 @@ class InterventionRunConfig:
         verifier: Answer checker name (:data:`lens.scoring.VERIFIERS`; ``"auto"`` picks per item).
         pti_directions: The PTI directions file (``.safetensors``, from ``lens pti directions``);
             required by the ``pti`` strategy.
+        vreason_lr: V-Reason's learning rate (:class:`~lens.interventions.vreason.VReasonConfig`).
+        vreason_every: V-Reason's update interval k, in generated tokens.
+        vreason_lite: V-Reason (Lite): prune the lowest-value-norm half of the video tokens.
     """
 
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
@@ -123,6 +133,9 @@ class InterventionRunConfig:
     system: str | None = None
     verifier: str = "auto"
     pti_directions: str | None = None
+    vreason_lr: float = 0.01
+    vreason_every: int = 2
+    vreason_lite: bool = False
 
     def __post_init__(self) -> None:
         from lens.prompts import get_preset
@@ -159,6 +172,15 @@ class InterventionRunConfig:
                 "the pti strategy needs its directions file (--pti-directions FILE); "
                 "make one with `lens pti directions`"
             )
+        if "vreason" in self.strategies:
+            _ = self.vreason  # validates the V-Reason settings before any model loads
+
+    @property
+    def vreason(self) -> Any:
+        """The V-Reason settings of this run."""
+        from lens.interventions.vreason import VReasonConfig
+
+        return VReasonConfig(lr=self.vreason_lr, every=self.vreason_every, lite=self.vreason_lite)
 
     @property
     def mask(self) -> EntropyMask:
@@ -192,6 +214,10 @@ def make_intervention(strategy: str, config: InterventionRunConfig, n_layers: in
         if config.pti_directions is None:
             raise ConfigError("the pti strategy needs its directions file (--pti-directions FILE)")
         return PTI(PTIDirections.load(config.pti_directions))
+    if strategy == "vreason":
+        from lens.interventions.vreason import VReason
+
+        return VReason(config.vreason)
     if strategy.startswith("hard"):
         return HardInjection(
             layers=layers, select=select, rule=config.mask_rule, tau=config.tau, quantile=config.quantile
@@ -378,8 +404,9 @@ def run_settings(
     settings = {"pair": list(getattr(pair, "names", ())), **asdict(config), "decoding": decoding.to_dict()}
     if pairs is not None:
         settings["decoding"] = {strategy: d.to_dict() for strategy, d in decodings.items()}
-    # The PTI directions enter each PTI record's key through their digest, not their path.
-    for key in ("strategies", "ks", "n_boot", "batch_size", "pti_directions"):
+    # The PTI directions enter each PTI record's key through their digest, not their path; the
+    # V-Reason settings through its setting string (so older runs' settings still match).
+    for key in ("strategies", "ks", "n_boot", "batch_size", "pti_directions", *VREASON_KEYS):
         settings.pop(key)
     # The effective prompt (a preset named in a checkpoint side file counts) and the scorer's version:
     # verdicts can change between math-verify releases.

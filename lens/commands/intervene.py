@@ -102,6 +102,9 @@ def run_config(args: argparse.Namespace, strategies: tuple[str, ...]):
         system=args.system,
         verifier=args.verifier,
         pti_directions=getattr(args, "pti_directions", None),
+        vreason_lr=getattr(args, "vreason_lr", 0.01),
+        vreason_every=getattr(args, "vreason_every", 2),
+        vreason_lite=getattr(args, "vreason_lite", False),
     )
 
 
@@ -134,12 +137,26 @@ def check_before_loading(args: argparse.Namespace, config, strategies: tuple[str
     check_samples(
         samples, spec, args.data, needs_image=f"--strategies {','.join(visual)}" if visual else None
     )
+    if "vreason" in strategies:
+        check_video_items(samples, args.data)
     check_scoring(samples, config.verifier)
     if models is None:
         check_resume(Path(args.out) / "records.jsonl", spec, args)
     elif getattr(args, "shard_spec", None) is not None:
         raise ConfigError("several twins cannot be sharded in one run yet; give one --rlvr per sharded run")
     return samples, models
+
+
+def check_video_items(samples: list, data: Any) -> None:
+    """Refuse, before any weight loads, items without a video: V-Reason acts on video tokens."""
+    from lens.commands.common import where
+    from lens.errors import InputError
+
+    for sample in samples:
+        if getattr(sample, "video", None) is None:
+            raise InputError(
+                f"{where(sample, data)} has no video, but --strategies vreason acts on video tokens"
+            )
 
 
 def check_pti_directions(path: str | None, spec: Any) -> None:
@@ -166,7 +183,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "intervene",
         help="hard injection / Activation Replay, scored with greedy pass@1 and pass@k",
         description="Decode with each strategy (rlvr, base, hard-low, hard-high, replay, replay-high, "
-        "and pti with --pti-directions) "
+        "pti with --pti-directions, and vreason on video items) "
         "and score greedy pass@1 and sampled pass@k with bootstrap CIs.",
     )
     add_pair_arguments(parser, several=True)
@@ -181,6 +198,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="FILE",
         help="PTI steering directions (.safetensors from `lens pti directions`), for --strategies pti",
+    )
+    parser.add_argument(
+        "--vreason-lr", type=float, default=0.01, help="V-Reason learning rate (Adam; default 0.01)"
+    )
+    parser.add_argument(
+        "--vreason-every",
+        type=int,
+        default=2,
+        metavar="K",
+        help="V-Reason: update the controller every K generated tokens (default 2)",
+    )
+    parser.add_argument(
+        "--vreason-lite",
+        action="store_true",
+        help="V-Reason (Lite): also prune the half of the video tokens with the lowest value norm",
     )
     parser.set_defaults(handler=run)
 
