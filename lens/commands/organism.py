@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a shared box)"
     )
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--task",
+        default="image",
+        choices=["image", "video"],
+        help="image organism (default) or video organism",
+    )
     train.set_defaults(handler=run_train)
 
     data = sub.add_parser("dataset", help="write a task split as a JSONL dataset folder")
@@ -42,18 +48,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--split", default="heldout", choices=["heldout", "validation"], help="split (default heldout)"
     )
     data.add_argument("--n", type=int, default=500, help="number of items (default 500)")
+    data.add_argument(
+        "--task",
+        default="image",
+        choices=["image", "video"],
+        help="image items (PNGs) or video items (FFV1 .mkv)",
+    )
     data.set_defaults(handler=run_dataset)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``lens organism train``."""
-    from lens.organism.train import TrainConfig, train
+    from lens.organism.train import IMAGE_TASK, TrainConfig, train
 
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    task = IMAGE_TASK
+    if getattr(args, "task", "image") == "video":
+        from lens.organism.video import video_task
+
+        task = video_task()
     t0 = time.time()
     manifest = train(
-        args.out, TrainConfig(seed=args.seed, threads=args.threads), progress=not args.no_progress
+        args.out, TrainConfig(seed=args.seed, threads=args.threads), progress=not args.no_progress, task=task
     )
     acc = {k: f"{v['correct']}/{v['n']}" for k, v in manifest["heldout_greedy"].items()}
     print(
@@ -66,7 +85,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_dataset(args: argparse.Namespace) -> int:
     """Handler of ``lens organism dataset``."""
-    from lens.organism import write_dataset
+    if getattr(args, "task", "image") == "video":
+        from lens.organism.video import write_dataset
+    else:
+        from lens.organism import write_dataset
 
     out = write_dataset(args.out, split=args.split, n=args.n)
     print(f"wrote {args.n} {args.split} items to {out}/data.jsonl")

@@ -50,6 +50,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% elif item['type'] == 'text' %}",
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}",
+)
+"""The template of the video organism: a video item renders like Qwen2.5-VL's, one ``<|video_pad|>``."""
 
 PATCH = 8
 TEMPORAL_PATCH = 2
@@ -79,8 +85,13 @@ class TinyConfig:
     extra: dict = field(default_factory=dict)
 
 
-def build_tokenizer():
+def build_tokenizer(extra_words: tuple[str, ...] = (), chat_template: str = CHAT_TEMPLATE):
     """Build the offline word-level tokenizer with Qwen's special tokens and the chat template.
+
+    Args:
+        extra_words: Words appended after the numbers (the video organism's); none for the image organism,
+            whose ids are therefore unchanged.
+        chat_template: The Jinja chat template (:data:`VIDEO_CHAT_TEMPLATE` for the video organism).
 
     Returns:
         A ``PreTrainedTokenizerFast`` (eos ``<|im_end|>``, pad ``<|endoftext|>``).
@@ -89,7 +100,7 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for t in SPECIALS + tuple(WORDS) + LETTERS + NUMBERS:
+    for t in SPECIALS + tuple(WORDS) + LETTERS + NUMBERS + tuple(extra_words):
         vocab.setdefault(t, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -102,7 +113,7 @@ def build_tokenizer():
         model_max_length=512,
         clean_up_tokenization_spaces=False,
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     tok.padding_side = "left"
     return tok
 

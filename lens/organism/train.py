@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,42 @@ from lens.organism.model import (
     save_folder,
     suppress_ids,
 )
-from lens.organism.task import TRAIN_SEED_OFFSET, Sample, generate, heldout, validation, verify
+from lens.organism.task import HELDOUT_SEED, TRAIN_SEED_OFFSET, Sample, generate, heldout, validation, verify
+
+
+@dataclass(frozen=True)
+class OrganismTask:
+    """What the trainer needs of a task: its tokenizer, encoder and item streams.
+
+    Attributes:
+        name: ``"image"`` or ``"video"``.
+        tokenizer: Builds the tokenizer.
+        encoder: Builds the batch encoder from the tokenizer.
+        generate: ``generate(seed, n, split, start)``: items of a seeded stream.
+        validation: ``validation(n)``: the validation split.
+        heldout: ``heldout(n)``: the held-out split.
+        heldout_seed: Seed of the held-out split (for the manifest).
+        train_seed_offset: Training streams use ``train_seed_offset + seed``.
+    """
+
+    name: str
+    tokenizer: Callable[[], Any]
+    encoder: Callable[[Any], Any]
+    generate: Callable[..., list]
+    validation: Callable[[int], list]
+    heldout: Callable[[int], list]
+    heldout_seed: int
+    train_seed_offset: int
+
+
+IMAGE_TASK = OrganismTask("image", build_tokenizer, Encoder, generate, validation, heldout, HELDOUT_SEED,
+                          TRAIN_SEED_OFFSET)  # fmt: skip
+"""The built-in image organism's task (the default everywhere)."""
+
+
+def visuals(samples: Sequence[Any]) -> list[Any]:
+    """Each sample's visual input for its encoder: the video clip of a video item, else the image."""
+    return [s.video if getattr(s, "video", None) is not None else s.image for s in samples]
 
 
 @dataclass(frozen=True)
@@ -80,12 +116,13 @@ class TrainConfig:
 class TrainStream:
     """Deterministic stream of training items for one phase (disjoint from validation/held-out)."""
 
-    def __init__(self, seed: int, phase: int):
-        self.seed = TRAIN_SEED_OFFSET + seed
+    def __init__(self, seed: int, phase: int, task: OrganismTask = IMAGE_TASK):
+        self.seed = task.train_seed_offset + seed
         self.next = phase * 10_000_000
+        self.generate = task.generate
 
     def take(self, n: int) -> list[Sample]:
-        out = generate(self.seed, n, "train", start=self.next)
+        out = self.generate(self.seed, n, "train", start=self.next)
         self.next += n
         return out
 
@@ -97,9 +134,7 @@ def response_for(sample: Sample) -> str:
 
 def sft_loss(model, enc: Encoder, samples: Sequence[Sample]) -> torch.Tensor:
     """Mean cross-entropy over response tokens (``answer N<|im_end|>``) only."""
-    b = enc.encode(
-        [s.question for s in samples], [s.image for s in samples], [response_for(s) for s in samples]
-    )
+    b = enc.encode([s.question for s in samples], visuals(samples), [response_for(s) for s in samples])
     p = int(b.pop("prompt_len"))
     logits = model(**b).logits[:, p - 1 : -1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["input_ids"][:, p:].reshape(-1))
@@ -118,9 +153,7 @@ def teacher_forced_accuracy(model, enc: Encoder, samples: Sequence[Sample], batc
     hits = 0
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
-        b = enc.encode(
-            [s.question for s in chunk], [s.image for s in chunk], [response_for(s) for s in chunk]
-        )
+        b = enc.encode([s.question for s in chunk], visuals(chunk), [response_for(s) for s in chunk])
         p = int(b.pop("prompt_len"))
         pred = model(**b).logits[:, p - 1 : p + 1].argmax(-1)
         hits += int((pred == b["input_ids"][:, p : p + 2]).all(-1).sum())
@@ -131,12 +164,12 @@ def teacher_forced_accuracy(model, enc: Encoder, samples: Sequence[Sample], batc
 def _repeat_batch(b: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Repeat every item of an encoded batch ``k`` times (item-major, like ``num_return_sequences``)."""
     n = b["input_ids"].shape[0]
-    pix = b["pixel_values"]
-    out = {
-        key: b[key].repeat_interleave(k, 0) for key in ("input_ids", "attention_mask", "mm_token_type_ids")
-    }
-    out["pixel_values"] = pix.view(n, -1, pix.shape[-1]).repeat_interleave(k, 0).reshape(-1, pix.shape[-1])
-    out["image_grid_thw"] = b["image_grid_thw"].repeat_interleave(k, 0)
+    out = {}
+    for key, value in b.items():
+        if key in ("pixel_values", "pixel_values_videos"):  # rows of patches: equal per item here
+            out[key] = value.view(n, -1, value.shape[-1]).repeat_interleave(k, 0).reshape(-1, value.shape[-1])
+        elif key != "prompt_len":
+            out[key] = value.repeat_interleave(k, 0)
     return out
 
 
@@ -167,7 +200,7 @@ def rollout(
     per = max(1, batch_size // n)
     for i in range(0, len(samples), per):
         chunk = samples[i : i + per]
-        b = _repeat_batch(enc.encode([s.question for s in chunk], [s.image for s in chunk]), n)
+        b = _repeat_batch(enc.encode([s.question for s in chunk], visuals(chunk)), n)
         p = b["input_ids"].shape[1]
         kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
         g = model.generate(
@@ -227,7 +260,7 @@ def grpo_step(
         return stats
     tok = enc.tok
     chosen = [samples[int(i)] for i in active]
-    b = _repeat_batch(enc.encode([s.question for s in chosen], [s.image for s in chosen]), group)
+    b = _repeat_batch(enc.encode([s.question for s in chosen], visuals(chosen)), group)
     p = b["input_ids"].shape[1]
     comp = comp.view(len(samples), group, -1)[active].reshape(len(chosen) * group, -1)
     # Completion mask: tokens up to and including the first eos.
@@ -235,12 +268,12 @@ def grpo_step(
     mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0
     ids = torch.cat([b["input_ids"], comp], dim=1)
     model.train()
+    visual = {k: v for k, v in b.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     logits = model(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        mm_token_type_ids=(ids == enc.image_token_id).int(),
-        pixel_values=b["pixel_values"],
-        image_grid_thw=b["image_grid_thw"],
+        mm_token_type_ids=F.pad(b["mm_token_type_ids"], (0, comp.shape[1])),  # completions are text
+        **visual,
     ).logits[:, p - 1 : -1]
     # The sampler never emits vision tokens, so the policy is the renormalised distribution without them.
     logits = logits.index_fill(-1, torch.tensor(suppress_ids(tok)), float("-inf"))
@@ -276,13 +309,19 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="organism", disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def train_models(cfg: TrainConfig = TrainConfig(), progress: bool = True, arch: TinyConfig = TinyConfig()):
+def train_models(
+    cfg: TrainConfig = TrainConfig(),
+    progress: bool = True,
+    arch: TinyConfig = TinyConfig(),
+    task: OrganismTask = IMAGE_TASK,
+):
     """Train base, rlvr and control in memory.
 
     Args:
         cfg: Hyper-parameters.
         progress: Show a tqdm bar.
         arch: Model architecture.
+        task: The task (the image organism's by default).
 
     Returns:
         ``(models, tokenizer, log, info)``: ``models`` maps name to model, ``log`` is a list of per-step
@@ -291,15 +330,15 @@ def train_models(cfg: TrainConfig = TrainConfig(), progress: bool = True, arch: 
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train_models(cfg, progress, arch)
+        return _train_models(cfg, progress, arch, task)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _train_models(cfg: TrainConfig, progress: bool, arch: TinyConfig):
-    tok = build_tokenizer()
-    enc = Encoder(tok)
-    val = validation(cfg.val_n)
+def _train_models(cfg: TrainConfig, progress: bool, arch: TinyConfig, task: OrganismTask):
+    tok = task.tokenizer()
+    enc = task.encoder(tok)
+    val = task.validation(cfg.val_n)
     log: list[dict] = []
     info: dict = {}
     t0 = time.time()
@@ -314,7 +353,7 @@ def _train_models(cfg: TrainConfig, progress: bool, arch: TinyConfig):
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(base.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.sft_warmup))
-    stream = TrainStream(cfg.seed, phase=0)
+    stream = TrainStream(cfg.seed, phase=0, task=task)
     sft_steps = 0
     for step in range(1, cfg.sft_max_steps + 1):
         loss = sft_step(base, opt, sched, enc, stream.take(cfg.sft_batch))
@@ -342,7 +381,7 @@ def _train_models(cfg: TrainConfig, progress: bool, arch: TinyConfig):
     # Warmup: Adam's first steps move every weight by ~lr whatever the gradient's size, which on a
     # noisy policy gradient knocks a fresh base off its mode.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.rl_warmup, 1)))
-    stream = TrainStream(cfg.seed, phase=1)
+    stream = TrainStream(cfg.seed, phase=1, task=task)
     updates = 0
     for step in range(1, cfg.rl_steps + 1):
         st = grpo_step(rlvr, opt, enc, stream.take(cfg.rl_prompts), cfg.rl_group, cfg.rl_max_new_tokens)
@@ -363,7 +402,7 @@ def _train_models(cfg: TrainConfig, progress: bool, arch: TinyConfig):
     control.load_state_dict(base_state)
     torch.manual_seed(cfg.seed + 2)
     opt = torch.optim.AdamW(control.parameters(), lr=cfg.control_lr, betas=(0.9, 0.98), weight_decay=0.01)
-    stream = TrainStream(cfg.seed, phase=2)
+    stream = TrainStream(cfg.seed, phase=2, task=task)
     for step in range(1, updates + 1):
         loss = sft_step(control, opt, None, enc, stream.take(cfg.control_batch))
         acc = teacher_forced_accuracy(control, enc, val) if step % cfg.val_every == 0 else None
@@ -394,6 +433,7 @@ def train(
     cfg: TrainConfig = TrainConfig(),
     progress: bool = True,
     on_done: Callable[[dict], None] | None = None,
+    task: OrganismTask = IMAGE_TASK,
 ) -> dict:
     """Train the trio and write ``{base,rlvr,control}/``, the log and ``manifest.json`` to ``out_dir``.
 
@@ -406,13 +446,13 @@ def train(
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    models, tok, log, info = train_models(cfg, progress=progress)
+    models, tok, log, info = train_models(cfg, progress=progress, task=task)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         prev = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
-        enc = Encoder(tok)
-        test = heldout(cfg.heldout_n)
+        enc = task.encoder(tok)
+        test = task.heldout(cfg.heldout_n)
         accuracy = {}
         for name, m in models.items():
             save_folder(m, tok, tmp / name)
@@ -422,11 +462,12 @@ def train(
         write_log(log, tmp)
         manifest = {
             "seed": cfg.seed,
+            **({} if task is IMAGE_TASK else {"task": task.name}),
             "train_config": asdict(cfg),
             "architecture": config_dict(TinyConfig()),
             **info,
             "heldout_greedy": accuracy,
-            "heldout_seed": 12345,
+            "heldout_seed": task.heldout_seed,
             "eval_batch": cfg.eval_batch,
             "total_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__,
