@@ -19,9 +19,9 @@ from reference_replay import reference_replay
 import lens.loading
 from lens import load_pair
 from lens.datasets import load_jsonl
+from lens.decoding import decoding_for
 from lens.errors import CheckpointError, InputError, PairMismatchError
 from lens.inputs import ROLE_PROMPT, ROLE_RESPONSE, ROLE_TEMPLATE, ROLE_VISUAL, build_inputs
-from lens.decoding import decoding_for
 from lens.interventions import ActivationReplay, Baseline, HardInjection, hook_count
 from lens.interventions.base import capture_block_residuals
 from lens.logit_lens import lens_self_check
