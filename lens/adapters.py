@@ -345,6 +345,56 @@ LLAVA_ONEVISION = LlavaOnevisionAdapter(
     image_inputs="llava_onevision",
 )
 
+
+@dataclass(frozen=True)
+class Gemma3Adapter(ArchitectureAdapter):
+    """Gemma 3 (``Gemma3ForConditionalGeneration``: SigLIP tower, average-pooling projector, Gemma 3
+    language model; transformers 5.x module tree).
+
+    The chat template puts ``<start_of_image>`` per image; the processor turns it into
+    ``\\n\\n<start_of_image>`` + ``<image_soft_token>`` x ``mm_tokens_per_image`` + ``<end_of_image>\\n\\n``
+    (see :mod:`lens.inputs.gemma3`). ``<image_soft_token>`` is the only id that carries visual
+    features; ``<start_of_image>`` and ``<end_of_image>`` are template.
+
+    Layer 0 input (where Activation Replay adds Δ and hard injection writes at block 0): the input of
+    ``model.language_model.layers[0]`` (= ``hidden_states[0]``), i.e. the token embeddings *already
+    multiplied by* ``sqrt(hidden_size)`` (``Gemma3TextScaledWordEmbedding``; the scale is cast to the
+    model dtype first) with the projector's image features scattered into the ``<image_soft_token>``
+    positions. The image features are not scaled, so Δ lives in the units of the projected features;
+    nothing is added to the residual before block 0 (RoPE acts inside attention).
+
+    ``token_type_ids`` (1 at ``<image_soft_token>``) are derived from the ids: the model needs them to
+    let the tokens of one image attend to each other bidirectionally (in full and sliding-window
+    layers alike); without them the mask is plainly causal. ``lm_head`` is tied to the (unscaled)
+    embedding matrix, and the final norm is Gemma's ``(1 + weight)`` RMSNorm, which the lens calls as
+    the model's own module. The published checkpoints set no ``final_logit_softcapping``
+    (``Gemma3ForConditionalGeneration`` applies none), so the lens of the last layer is the model's logits.
+    """
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    def visual_token_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id),)
+
+    def vision_special_ids(self, config: Any) -> tuple[int, ...]:
+        return (int(config.image_token_id), int(config.boi_token_id), int(config.eoi_token_id))
+
+    def extra_model_inputs(self, input_ids: torch.Tensor, config: Any) -> dict[str, torch.Tensor]:
+        # As Gemma3Processor builds them (int64): 1 at the image soft tokens, 0 elsewhere.
+        return {"token_type_ids": (input_ids == int(config.image_token_id)).long()}
+
+
+GEMMA3 = Gemma3Adapter(
+    name="Gemma 3",
+    layers_path="model.language_model.layers",
+    norm_path="model.language_model.norm",
+    unembed_path="lm_head",
+    embed_path="model.language_model.embed_tokens",
+    multimodal=True,
+    image_inputs="gemma3",
+)
+
 #: config.model_type -> adapter. The single registry of supported families.
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "qwen2_5_vl": QWEN2_5_VL,
@@ -359,6 +409,7 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "llama": CAUSAL_LM,
     "mistral": CAUSAL_LM,
     "llava_onevision": LLAVA_ONEVISION,
+    "gemma3": GEMMA3,
 }
 
 

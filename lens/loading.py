@@ -208,6 +208,7 @@ _IMAGE_SETTINGS = (
     "do_convert_rgb",
     "do_pad",
     "image_grid_pinpoints",  # LLaVA-OneVision: the tilings an image may get
+    "do_pan_and_scan",  # Gemma 3: crops of elongated images add visual tokens
 )
 
 
