@@ -24,7 +24,7 @@ from lens.datasets import check_images, sample_images
 from lens.errors import DatasetError, InputError
 from lens.fingerprint import models_fingerprint, sample_digests
 from lens.logit_lens import LensConfig, multi_lens
-from lens.modelset import ModelSet, label
+from lens.modelset import ModelSet, label, stack_comparisons
 from lens.records import RecordWriter, write_tables
 from lens.tables import ColumnarTable, SamplePart, ShardWriter, table_from_records
 
@@ -71,17 +71,6 @@ def set_records(
         )
         for pair, result in results.items()
     }
-
-
-def _stack(frames: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
-    parts = []
-    for (reference, other), frame in frames.items():
-        frame = frame.copy()
-        frame.insert(0, "twin", other)
-        frame.insert(0, "reference", reference)
-        frame.insert(0, "comparison", label((reference, other)))
-        parts.append(frame)
-    return pd.concat(parts, ignore_index=True)
 
 
 def run_set_drift(
@@ -148,8 +137,8 @@ def run_set_drift(
             parts[pair] = list(table.parts)
     tidy = {labels[p]: ColumnarTable(tuple(parts[p]), DRIFT_SCHEMA) for p in models.comparisons}
     stats = {pair: drift_statistics(tidy[labels[pair]], config.n_buckets) for pair in models.comparisons}
-    buckets = _stack({pair: s[0] for pair, s in stats.items()})
-    correlations = _stack({pair: s[1] for pair, s in stats.items()})
+    buckets = stack_comparisons({pair: s[0] for pair, s in stats.items()})
+    correlations = stack_comparisons({pair: s[1] for pair, s in stats.items()})
     if out_dir is not None:
         import matplotlib.pyplot as plt
 

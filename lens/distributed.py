@@ -237,7 +237,7 @@ def _manifest(folder: Path) -> dict[str, Any] | None:
 def _read_shards(out: Path) -> tuple[list[tuple[Shard, Path, dict[str, Any]]], dict[str, Any]]:
     """Shards with records, and the run they agree on (settings, fingerprint, keys, fresh)."""
     from lens.fingerprint import describe_changes
-    from lens.records import read_settings, settings_path
+    from lens.records import changed_settings, read_settings, settings_path
 
     found = shard_folders(out)
     if not found:
@@ -264,11 +264,7 @@ def _read_shards(out: Path) -> tuple[list[tuple[Shard, Path, dict[str, Any]]], d
             run, first = mine, folder
         else:
             if mine["settings"] != run["settings"]:
-                changed = sorted(
-                    k
-                    for k in set(mine["settings"] or {}) | set(run["settings"] or {})
-                    if (mine["settings"] or {}).get(k) != (run["settings"] or {}).get(k)
-                )
+                changed = changed_settings(run["settings"], mine["settings"])
                 raise ConfigError(
                     f"{folder} ran with other settings than {first} ({', '.join(changed)}); {_KEPT}"
                 )

@@ -62,6 +62,20 @@ def label(comparison: tuple[str, str]) -> str:
     return f"{comparison[0]}→{comparison[1]}"
 
 
+def stack_comparisons(frames: Mapping[tuple[str, str], Any]) -> Any:
+    """One table from per-comparison tables, with ``comparison``, ``reference`` and ``twin`` first."""
+    import pandas as pd
+
+    parts = []
+    for (reference, other), frame in frames.items():
+        frame = frame.copy()
+        frame.insert(0, "twin", other)
+        frame.insert(0, "reference", reference)
+        frame.insert(0, "comparison", label((reference, other)))
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True)
+
+
 @dataclass
 class ModelSet:
     """Models of one family by name, sharing one tokenizer and image processor, and their comparisons.

@@ -90,8 +90,7 @@ class RecordLog:
         stored_settings, stored_fingerprint = read_settings(self.settings_path)
         hint = "rerun with --no-resume or use another output folder"
         if self._settings is not None and stored_settings is not None and stored_settings != self._settings:
-            keys = set(stored_settings) | set(self._settings)
-            changed = sorted(k for k in keys if stored_settings.get(k) != self._settings.get(k))
+            changed = changed_settings(stored_settings, self._settings)
             raise ConfigError(
                 f"{self.path} holds records made with other settings ({', '.join(changed)}); {hint}"
             )
@@ -308,6 +307,12 @@ class RecordWriter(RecordLog):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def changed_settings(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> list[str]:
+    """The setting names whose values differ between two settings mappings, sorted."""
+    old, new = old or {}, new or {}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def settings_path(log: str | Path) -> Path:

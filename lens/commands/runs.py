@@ -197,21 +197,9 @@ def run_comparisons(
 
 
 def write_comparison_tables(out: str | Path, tables: dict[str, dict[tuple[str, str], Any]]) -> None:
-    """Stack each table of every comparison with ``comparison``/``reference``/``twin`` columns into
+    """Stack each table of every comparison (:func:`lens.modelset.stack_comparisons`) into
     ``OUT/<name>.csv``."""
-    import pandas as pd
-
-    from lens.modelset import label
+    from lens.modelset import stack_comparisons
     from lens.records import write_tables
 
-    stacked = {}
-    for name, by_comparison in tables.items():
-        frames = []
-        for (reference, other), frame in by_comparison.items():
-            frame = frame.copy()
-            frame.insert(0, "twin", other)
-            frame.insert(0, "reference", reference)
-            frame.insert(0, "comparison", label((reference, other)))
-            frames.append(frame)
-        stacked[name] = pd.concat(frames, ignore_index=True)
-    write_tables(out, stacked)
+    write_tables(out, {name: stack_comparisons(by_comparison) for name, by_comparison in tables.items()})

@@ -6,6 +6,7 @@ the image processor is built from defaults, and weights are random (seeded).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,24 @@ _CORPUS = [
 ]
 
 
-def tiny_tokenizer(vocab_size: int = 400, chat_template: str | None = QWEN_VL_CHAT_TEMPLATE) -> Any:
-    """A byte-level BPE tokenizer with the Qwen special tokens, trained offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def bpe_tokenizer(
+    specials: Sequence[str],
+    vocab_size: int = 400,
+    chat_template: str | None = None,
+    bos: str | None = None,
+    **special_tokens: Any,
+) -> Any:
+    """A byte-level BPE tokenizer trained offline on a few sentences, with a family's special tokens.
+
+    Args:
+        specials: The special tokens, in id order (they get the first ids).
+        vocab_size: Vocabulary size.
+        chat_template: The family's chat template.
+        bos: A token put first whenever special tokens are added (Gemma's ``<bos>``).
+        **special_tokens: Passed to ``PreTrainedTokenizerFast`` (``eos_token``, ``pad_token``,
+            ``additional_special_tokens``, ...).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -56,20 +72,31 @@ def tiny_tokenizer(vocab_size: int = 400, chat_template: str | None = QWEN_VL_CH
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(QWEN_SPECIALS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+def tiny_tokenizer(vocab_size: int = 400, chat_template: str | None = QWEN_VL_CHAT_TEMPLATE) -> Any:
+    """A byte-level BPE tokenizer with the Qwen special tokens, trained offline."""
+    return bpe_tokenizer(
+        QWEN_SPECIALS,
+        vocab_size,
+        chat_template,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(QWEN_SPECIALS[1:]),
     )
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    return fast
 
 
 def tiny_image_processor(patch_size: int = 14, max_side: int = 112) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lens.testing import _CORPUS, _spread_weights
+from lens.testing import _spread_weights, bpe_tokenizer
 
 GEMMA3_SPECIALS = (
     "<pad>",
@@ -67,26 +67,12 @@ TOKENS_PER_IMAGE = 16
 
 def tiny_gemma3_tokenizer(vocab_size: int = 400) -> Any:
     """A byte-level BPE tokenizer with Gemma 3's special tokens and chat template, trained offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(GEMMA3_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    bos = tok.token_to_id("<bos>")
     # Like Gemma's tokenizer: <bos> first when special tokens are added (the chat template writes it too).
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    return bpe_tokenizer(
+        GEMMA3_SPECIALS,
+        vocab_size,
+        GEMMA3_CHAT_TEMPLATE,
+        bos="<bos>",
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
@@ -95,8 +81,6 @@ def tiny_gemma3_tokenizer(vocab_size: int = 400) -> Any:
         extra_special_tokens=dict(GEMMA3_NAMED_TOKENS),
         model_input_names=["input_ids", "attention_mask"],
     )
-    fast.chat_template = GEMMA3_CHAT_TEMPLATE
-    return fast
 
 
 def tiny_gemma3_image_processor(do_pan_and_scan: bool | None = None) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lens.testing import _CORPUS, _spread_weights
+from lens.testing import _spread_weights, bpe_tokenizer
 
 #: GLM-4.1V's special tokens, in the order of their real ids (151329 ``<|endoftext|>`` ... 151344
 #: ``<|video|>``), then the thinking tags.
@@ -82,28 +82,14 @@ def tiny_glm4v_tokenizer(vocab_size: int = 400, chat_template: str | None = GLM4
 
     EOS and padding are ``<|endoftext|>``, as in the released tokenizer.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(GLM4V_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    return bpe_tokenizer(
+        GLM4V_SPECIALS,
+        vocab_size,
+        chat_template,
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(GLM4V_SPECIALS[1:]),
     )
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    return fast
 
 
 def tiny_glm4v_image_processor(patch_size: int = 14, max_side: int = 112) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lens.testing import _CORPUS, _spread_weights
+from lens.testing import _spread_weights, bpe_tokenizer
 
 INTERNVL_SPECIALS = (
     "<|endoftext|>",
@@ -61,30 +61,16 @@ TOKENS_PER_TILE = (TILE // PATCH // 2) ** 2
 
 def tiny_internvl_tokenizer(vocab_size: int = 400) -> Any:
     """A byte-level BPE tokenizer with InternVL's special tokens and chat template, trained offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(INTERNVL_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    return bpe_tokenizer(
+        INTERNVL_SPECIALS,
+        vocab_size,
+        INTERNVL_CHAT_TEMPLATE,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(INTERNVL_SPECIALS[1:]),
         extra_special_tokens=dict(INTERNVL_NAMED_TOKENS),
-        # The real (Qwen2) tokenizer returns no token_type_ids.
-        model_input_names=["input_ids", "attention_mask"],
+        model_input_names=["input_ids", "attention_mask"],  # the real (Qwen2) one returns no token_type_ids
     )
-    fast.chat_template = INTERNVL_CHAT_TEMPLATE
-    return fast
 
 
 def tiny_internvl_image_processor(max_patches: int = 6) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lens.testing import _CORPUS, _spread_weights
+from lens.testing import _spread_weights, bpe_tokenizer
 
 LLAVA_OV_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
 
@@ -45,28 +45,14 @@ PINPOINTS = [[TILE * h, TILE * w] for h in range(1, 5) for w in range(1, 5)]
 
 def tiny_llava_ov_tokenizer(vocab_size: int = 400, chat_template: str | None = LLAVA_OV_CHAT_TEMPLATE) -> Any:
     """A byte-level BPE tokenizer with LLaVA-OneVision's special tokens, trained offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(LLAVA_OV_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    return bpe_tokenizer(
+        LLAVA_OV_SPECIALS,
+        vocab_size,
+        chat_template,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(LLAVA_OV_SPECIALS[1:]),
     )
-    if chat_template is not None:
-        fast.chat_template = chat_template
-    return fast
 
 
 def tiny_llava_ov_image_processor(pinpoints: list[list[int]] | None = None) -> Any:
