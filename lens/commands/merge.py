@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not out.is_dir():
-        raise DatasetError(f"run folder not found: {out}")
+        raise DatasetError(
+            f"{out} is a file, not a run folder" if out.exists() else f"run folder not found: {out}"
+        )
     report = merge(out)
     print(
         f"merged {len(report.shards)} shard(s) into {out / 'records.jsonl'}: {report.merged} records from "
