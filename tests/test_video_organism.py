@@ -171,6 +171,20 @@ def test_sft_and_grpo_steps_run_on_video_batches(tok, enc):
     assert len(texts) == 2 and all(len(t) == 3 for t in texts)
 
 
+def test_video_task_carries_its_training_defaults():
+    """The video task trains SFT at its own rate; seed and threads still come from the caller."""
+    from lens.organism.train import IMAGE_TASK, TrainConfig
+
+    cfg = V.video_task().train_config(seed=5, threads=2)
+    assert (cfg.seed, cfg.threads) == (5, 2)
+    assert cfg.sft_lr == dict(V.TRAIN_DEFAULTS)["sft_lr"] != TrainConfig().sft_lr
+    assert cfg.sft_max_steps == dict(V.TRAIN_DEFAULTS)["sft_max_steps"]
+    assert IMAGE_TASK.train_config(seed=5) == TrainConfig(seed=5)
+    assert V.video_task().train_config(sft_lr=3e-3).sft_lr == 3e-3  # an explicit value wins
+    with pytest.raises(ConfigError, match="unknown training settings"):
+        V.video_task().train_config(sft_rate=1e-3)
+
+
 def test_tiny_end_to_end_eval(tok, enc):
     """analyses.evaluate scores two video models on a few held-out items, with CIs and paired differences."""
     from analyses.evaluate import EvalConfig, evaluate

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``lens organism train``."""
-    from lens.organism.train import IMAGE_TASK, TrainConfig, train
+    from lens.organism.train import IMAGE_TASK, train
 
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
@@ -72,7 +72,10 @@ def run_train(args: argparse.Namespace) -> int:
         task = video_task()
     t0 = time.time()
     manifest = train(
-        args.out, TrainConfig(seed=args.seed, threads=args.threads), progress=not args.no_progress, task=task
+        args.out,
+        task.train_config(seed=args.seed, threads=args.threads),
+        progress=not args.no_progress,
+        task=task,
     )
     acc = {k: f"{v['correct']}/{v['n']}" for k, v in manifest["heldout_greedy"].items()}
     print(

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class OrganismTask:
         heldout: ``heldout(n)``: the held-out split.
         heldout_seed: Seed of the held-out split (for the manifest).
         train_seed_offset: Training streams use ``train_seed_offset + seed``.
+        train_defaults: :class:`TrainConfig` fields this task sets differently from the image
+            organism's defaults, as ``(name, value)`` pairs.
     """
 
     name: str
@@ -64,6 +66,20 @@ class OrganismTask:
     heldout: Callable[[int], list]
     heldout_seed: int
     train_seed_offset: int
+    train_defaults: tuple[tuple[str, Any], ...] = ()
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The task's :class:`TrainConfig`: its defaults, then ``overrides`` (e.g. ``seed``, ``threads``).
+
+        Raises:
+            ConfigError: For a name that is not a field of :class:`TrainConfig`.
+        """
+        known = {f.name for f in fields(TrainConfig)}
+        values = {**dict(self.train_defaults), **overrides}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training settings {unknown}; known: {', '.join(sorted(known))}")
+        return TrainConfig(**values)
 
 
 IMAGE_TASK = OrganismTask("image", build_tokenizer, Encoder, generate, validation, heldout, HELDOUT_SEED,
