@@ -262,9 +262,14 @@ def sample_digest(sample: Any) -> str:
     video = getattr(sample, "video", None)
     if video is not None:  # only video items: the digests of other samples stay as they were
         h.update(b"video:" + repr(getattr(sample, "video_options", None)).encode())
-        with open(video, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        frames = getattr(video, "frames", None)
+        if frames is not None:  # an in-memory lens.video.VideoClip: its frames and timing, not a file
+            h.update(repr((frames.shape, str(frames.dtype), video.indices, video.total_frames)).encode())
+            h.update(repr((video.video_fps, video.options)).encode() + frames.tobytes())
+        else:
+            with open(video, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
     return h.hexdigest()[:32]
 
 

@@ -139,6 +139,18 @@ def test_encoder_matches_pair_encode_in_memory_and_from_files(random_pair, enc, 
     assert n_tokens == enc.n_video_tokens == 18  # 2 temporal patches x 3 x 3 merged tokens
 
 
+def test_in_memory_clips_have_record_digests():
+    """Resumable runs digest an item's in-memory clip by its frames (no file to read)."""
+    from dataclasses import replace
+
+    from lens.fingerprint import sample_digest
+
+    a, b = V.heldout(2)
+    assert sample_digest(a) == sample_digest(V.heldout(1)[0])
+    moved = replace(a, video=replace(a.video, frames=b.video.frames))
+    assert sample_digest(moved) != sample_digest(a)
+
+
 def test_write_dataset_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "x").write_text("keep")
     with pytest.raises(ConfigError, match="not empty"):
