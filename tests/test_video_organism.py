@@ -197,6 +197,27 @@ def test_video_task_carries_its_training_defaults():
         V.video_task().train_config(sft_rate=1e-3)
 
 
+@pytest.mark.slow
+def test_video_training_is_bit_identical_for_a_seed(tok):
+    """Two short runs of all three phases with one seed give bit-identical weights (and logs)."""
+    from lens.organism.train import train_models
+
+    cfg = V.video_task().train_config(
+        seed=0, sft_batch=4, sft_max_steps=2, rl_steps=2, rl_prompts=2, rl_group=2, val_n=4, control_batch=4
+    )
+
+    def run():
+        models, _, log, info = train_models(cfg, progress=False, task=V.video_task())
+        return {name: m.state_dict() for name, m in models.items()}, [r["loss"] for r in log], info
+
+    (a, loss_a, info), (b, loss_b, _) = run(), run()
+    assert loss_a == loss_b and info["sft_steps"] == 2
+    for name in ("base", "rlvr", "control"):
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    untrained = build_model(tok, seed=0).state_dict()
+    assert not all(torch.equal(a["base"][k], untrained[k]) for k in untrained)  # SFT moved the weights
+
+
 def test_tiny_end_to_end_eval(tok, enc):
     """analyses.evaluate scores two video models on a few held-out items, with CIs and paired differences."""
     from analyses.evaluate import EvalConfig, evaluate
