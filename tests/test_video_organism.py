@@ -275,4 +275,8 @@ def test_shipped_video_pair_encodes_an_item():
     pair = V.load_pair()
     s = V.heldout(1)[0]
     inputs = pair.encode(s.question, videos=[s.video])
-    assert int((inputs.frames >= 0).sum()) == 18
+    frames = [f for f in inputs.frames if f >= 0]
+    assert len(frames) == 18 and sorted(set(frames)) == [0, 1]  # 2 temporal patches x 3 x 3 tokens
+    ids = inputs.model_inputs["input_ids"][0].tolist()
+    first_video = inputs.frames.index(0)
+    assert ids.index(pair.tokenizer.convert_tokens_to_ids("how")) < first_video  # question first, as trained
