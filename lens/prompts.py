@@ -343,19 +343,21 @@ def encode_sample(
 
     images = sample_images(sample)
     turns = preset.turns(sample, images, image_first=pair.image_first, system=system)
-    turns = _with_videos(turns, sample)
+    turns = _with_videos(turns, sample, first=pair.image_first)
     try:
         return pair.encode(messages=turns, response=response)
     except InputError as exc:
         raise InputError(f"sample {getattr(sample, 'id', '?')!r}: {exc}") from exc
 
 
-def _with_videos(turns: tuple[Turn, ...], sample: Any) -> tuple[Turn, ...]:
-    """The chat with the sample's video (if any) first in its last user turn, as Qwen places it."""
+def _with_videos(turns: tuple[Turn, ...], sample: Any, first: bool = True) -> tuple[Turn, ...]:
+    """The chat with the sample's video (if any) in its last user turn: first, as Qwen places it, or
+    after the text for a pair that puts visuals last (``image_first=False``, e.g. the video organism)."""
     from lens.datasets.sample import sample_videos
 
     videos = sample_videos(sample)
     if not videos:
         return turns
     last = turns[-1]
-    return turns[:-1] + (Turn(last.role, videos + last.parts),)
+    parts = videos + last.parts if first else last.parts + videos
+    return turns[:-1] + (Turn(last.role, parts),)

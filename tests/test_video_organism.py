@@ -280,3 +280,10 @@ def test_shipped_video_pair_encodes_an_item():
     ids = inputs.model_inputs["input_ids"][0].tolist()
     first_video = inputs.frames.index(0)
     assert ids.index(pair.tokenizer.convert_tokens_to_ids("how")) < first_video  # question first, as trained
+    # What every dataset-driven run (intervene, replay, drift) feeds the pair: the same tensors as training.
+    from lens.prompts import encode_sample
+
+    ran = encode_sample(pair, s).model_inputs
+    trained = V.VideoEncoder(pair.tokenizer).encode([s.question], [s.video])
+    assert set(ran) == set(trained)
+    assert all(torch.equal(trained[k].to(ran[k].dtype), ran[k]) for k in ran)
