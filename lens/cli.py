@@ -33,6 +33,7 @@ COMMANDS = (
     "organism",
     "reproduce",
     "pti",
+    "plant",
 )
 
 _OS_ERRORS = {
