@@ -365,6 +365,7 @@ def run_settings(
     verify: Verifier | None = None,
     shard: Any = None,
     pairs: Mapping[str, Any] | None = None,
+    progress_label: str = "intervene",
 ) -> pd.DataFrame | None:
     """Run ``(strategy, intervention)`` pairs over ``samples``; return the per-item table.
 
@@ -374,7 +375,7 @@ def run_settings(
 
     With ``pairs`` (several models: ``pair`` is then a :class:`lens.modelset.ModelSet`), each
     strategy label names the :class:`lens.ModelPair` it runs on (e.g. the set's base and each twin),
-    and records are keyed ``"<label>/<setting>/<item id>"``.
+    and records are keyed ``"<label>/<setting>/<item id>"``. ``progress_label`` names the bar.
     """
     if not samples:
         raise DatasetError("the dataset has no samples")
@@ -424,7 +425,7 @@ def run_settings(
     memory: list[dict[str, Any]] = []
     wanted: set[str] = set()
     total = len(samples) * len(interventions)
-    bar = tqdm(total=total, desc="intervene", unit="run", disable=not progress)
+    bar = tqdm(total=total, desc=progress_label, unit="run", disable=not progress)
     for strategy, intervention in interventions:
         setting = intervention.setting()
         pending = []
