@@ -478,7 +478,9 @@ class AgentEpisode:
         self.script = tuple(script)
         self.tool = tool
         self.original = open_image(image)
-        self.conversation: list[Turn] = list(prompt_turns(question, [self.original], system, pair.image_first))
+        self.conversation: list[Turn] = list(
+            prompt_turns(question, [self.original], system, pair.image_first)
+        )
         self.turns: list[AgentTurn] = []
         self.stop: str | None = None
 
@@ -649,7 +651,9 @@ def run_agents(
         return []
     budgets = {e.config.max_new_tokens for e in episodes}
     if len(budgets) > 1:
-        raise ConfigError(f"episodes batched together need one max_new_tokens, got {sorted(map(str, budgets))}")
+        raise ConfigError(
+            f"episodes batched together need one max_new_tokens, got {sorted(map(str, budgets))}"
+        )
     decoding = agent_decoding(pair, episodes[0].config, decoding)
     while True:
         active = [e for e in episodes if not e.done]

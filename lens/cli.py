@@ -33,6 +33,7 @@ COMMANDS = (
     "organism",
     "reproduce",
     "pti",
+    "agent",
 )
 
 _OS_ERRORS = {
