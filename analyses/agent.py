@@ -262,6 +262,45 @@ def agent_record(strategy: str, sample: Any, run: Any, verdict: Any, seconds: fl
     }
 
 
+def run_settings(config: AgentRunConfig) -> dict[str, Any]:
+    """The settings of ``config`` a record depends on (strategies, batch_size, n_boot and seed only
+    select or summarise); :func:`run_agent_items` adds the pair's names, decoding and scorer."""
+    settings = asdict(config)
+    for key in ("strategies", "batch_size", "n_boot", "seed"):
+        settings.pop(key)
+    return settings
+
+
+def check_resumable(records: str | Path, config: AgentRunConfig) -> None:
+    """Refuse early, before loading, a resume whose stored settings differ from ``config``'s.
+
+    The record writer checks every setting again against the loaded pair; this only saves loading
+    the weights of a run that will be refused anyway.
+
+    Raises:
+        ConfigError: Stored records made with other settings, naming them.
+    """
+    import json
+
+    from lens.records import changed_settings, read_settings, settings_path
+
+    if not Path(records).exists():
+        return
+    try:
+        stored, _ = read_settings(settings_path(records))
+    except (ValueError, OSError):
+        return  # the writer reports it
+    if not isinstance(stored, dict):
+        return
+    mine = json.loads(json.dumps(run_settings(config), default=str))  # as stored: tuples become lists
+    changed = changed_settings({k: stored.get(k) for k in mine}, mine)
+    if changed:
+        raise ConfigError(
+            f"{records} holds records made with other settings ({', '.join(changed)}); "
+            "rerun with --no-resume or use another output folder"
+        )
+
+
 def run_agent_items(
     pair: Any,
     samples: Sequence[Any],
@@ -294,10 +333,11 @@ def run_agent_items(
     interventions = [(s, make_agent_intervention(s, config, pair.n_layers)) for s in config.strategies]
     decoding = decoding_for(pair, max_new_tokens=config.max_new_tokens)
     effective = agent_decoding(pair, config.agent_config(None), decoding)
-    # What a record depends on; strategies, batch_size, n_boot and seed only select or summarise.
-    settings = {"pair": list(getattr(pair, "names", ())), **asdict(config), "decoding": effective.to_dict()}
-    for key in ("strategies", "batch_size", "n_boot", "seed"):
-        settings.pop(key)
+    settings = {
+        "pair": list(getattr(pair, "names", ())),
+        **run_settings(config),
+        "decoding": effective.to_dict(),
+    }
     settings.update(verifier=verifier.name, math_verify=math_verify_version())
     writer = None
     if out_dir is not None:

@@ -176,7 +176,7 @@ def run_config(args: argparse.Namespace) -> Any:
 
 def check_before_loading(args: argparse.Namespace) -> tuple[Any, list]:
     """Every check that needs no weights; returns the config and the items."""
-    from analyses.agent import item_image, make_agent_intervention
+    from analyses.agent import check_resumable, item_image, make_agent_intervention
 
     check_run_options(args)
     config = run_config(args)
@@ -196,6 +196,8 @@ def check_before_loading(args: argparse.Namespace) -> tuple[Any, list]:
             raise InputError(f"{where(sample, args.data)}: {str(exc).split(': ', 1)[-1]}") from None
     check_scoring(samples, config.verifier)
     check_resume(Path(args.out) / "records.jsonl", spec, args)
+    if not args.no_resume:
+        check_resumable(Path(args.out) / "records.jsonl", config)
     return config, samples
 
 
