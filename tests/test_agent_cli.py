@@ -265,7 +265,9 @@ def test_bad_input_is_one_line_before_loading_and_writes_nothing(tmp_path, capfd
     answer = {"question": "How many red shapes are there?", "answer": "3"}
     placeholders = {
         "{noimage}": dataset(tmp_path, [{"id": "a", **answer}], "text.jsonl"),
-        "{twoimages}": dataset(tmp_path, [{"id": "a", "images": [image_file, image_file], **answer}], "two.jsonl"),
+        "{twoimages}": dataset(
+            tmp_path, [{"id": "a", "images": [image_file, image_file], **answer}], "two.jsonl"
+        ),
         "{torn}": dataset(tmp_path, [{"id": "a", "image": image_file, **answer}]) + "",
         "{file}": str(tmp_path / "a_file"),
     }
@@ -324,3 +326,55 @@ def test_shards_merge_to_the_single_run_tables(tmp_path, capfd):
     code, _, err = run_cli([*argv, "--shard", "1/2", "--out", str(sharded)], capfd)
     assert code == 0 and "merged 2 shard(s)" in err
     pd.testing.assert_frame_equal(per_item(sharded), per_item(whole))
+
+
+def test_checkpoint_pair_with_deepeyes_prompts_and_choice_items(tmp_path, capfd, vl_dirs):
+    """A tiny random Qwen2.5-VL pair from folders: DeepEyes' prompts by default, choice items scored
+    on the last reply's answer tag."""
+    from conftest import random_image
+
+    image = tmp_path / "img.png"
+    random_image(56, 84).save(image)
+    rows = [
+        {
+            "id": f"q{i}",
+            "question": "Which colour is the car?",
+            "image": str(image),
+            "answer": "B",
+            "options": {"A": "red", "B": "blue"},
+        }
+        for i in range(2)
+    ]
+    data = dataset(tmp_path, rows)
+    reply = script(tmp_path, ZOOM.replace("32, 32", "40, 28"), "<think>blue</think> <answer>B</answer>")
+    base, rlvr = (str(d) for d in vl_dirs)
+    common = [
+        "--base",
+        base,
+        "--rlvr",
+        rlvr,
+        "--data",
+        data,
+        "--max-new-tokens",
+        "3",
+        "--strategies",
+        "rlvr,hard-agent",
+    ]
+    out = tmp_path / "run"
+    assert run_cli([*common, "--script", reply, "--out", str(out)], capfd)[0] == 0
+    found = records(out)
+    assert len(found) == 4
+    for record in found:
+        assert [t["status"] for t in record["turns"]] == ["tool", "answer"]
+        assert record["turns"][0]["box"] == [0, 0, 40, 28]
+        assert record["stop"] == "answer" and record["agent_answer"] == "B"
+        assert record["verifier"] == "choice" and record["correct"] == 1
+    # The first call saw DeepEyes' system prompt and instruction (more prompt tokens than without).
+    bare = tmp_path / "bare"
+    one = ["--items", "1", "--strategies", "rlvr"]
+    assert run_cli([*common, *one, "--script", reply, "--system", "none", "--out", str(bare)], capfd)[0] == 0
+    assert records(bare)[0]["turns"][0]["n_tokens"] < found[0]["turns"][0]["n_tokens"]
+    # Unscripted, the random model writes neither a tool call nor an answer tag: one no_tool_call turn.
+    free = tmp_path / "free"
+    assert run_cli([*common, *one, "--out", str(free)], capfd)[0] == 0
+    assert all(r["stop"] in ("no_tool_call", "tool_error", "turn_limit") for r in records(free))
