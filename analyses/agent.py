@@ -209,15 +209,16 @@ def make_agent_intervention(strategy: str, config: AgentRunConfig, n_layers: int
     )
 
 
-def item_image(sample: Any) -> Any:
-    """The one image an agent item is about (crops are cut from it).
+def item_image(sample: Any, label: str | None = None) -> Any:
+    """The one image an agent item is about (crops are cut from it); ``label`` names the item in
+    messages (default ``sample 'id'``).
 
     Raises:
         InputError: An item with no image, several images, or a video.
     """
     from lens.datasets import sample_images
 
-    label = f"sample {str(getattr(sample, 'id', '?'))!r}"
+    label = label or f"sample {str(getattr(sample, 'id', '?'))!r}"
     if getattr(sample, "video", None) is not None:
         raise InputError(f"{label} has a video; the agent loop zooms into one image")
     images = sample_images(sample)

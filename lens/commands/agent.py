@@ -21,7 +21,7 @@ from lens.commands.common import (
     where,
 )
 from lens.commands.runs import run_job
-from lens.errors import ConfigError, InputError
+from lens.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -189,11 +189,8 @@ def check_before_loading(args: argparse.Namespace) -> tuple[Any, list]:
         make_agent_intervention(strategy, config, spec.n_layers)
     check_samples(samples, spec, args.data, needs_image="the agent loop")
     for sample in samples:
-        try:
-            item_image(sample)
-            config.question(sample)
-        except InputError as exc:
-            raise InputError(f"{where(sample, args.data)}: {str(exc).split(': ', 1)[-1]}") from None
+        item_image(sample, where(sample, args.data))
+        config.question(sample)  # an empty question, malformed options (the message names the item)
     check_scoring(samples, config.verifier)
     check_resume(Path(args.out) / "records.jsonl", spec, args)
     if not args.no_resume:
