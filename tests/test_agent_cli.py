@@ -378,3 +378,16 @@ def test_checkpoint_pair_with_deepeyes_prompts_and_choice_items(tmp_path, capfd,
     free = tmp_path / "free"
     assert run_cli([*common, *one, "--out", str(free)], capfd)[0] == 0
     assert all(r["stop"] in ("no_tool_call", "tool_error", "turn_limit") for r in records(free))
+
+
+def test_released_agent_swap_layers_follow_the_model_depth():
+    from analyses.agent import AgentRunConfig, make_agent_intervention
+    from lens.errors import ConfigError
+    from lens.masks import RELEASED_THRESHOLDS
+
+    deep = make_agent_intervention("hard-agent", AgentRunConfig(), n_layers=28).config
+    assert deep.layers == tuple(range(7)) and deep.thresholds == RELEASED_THRESHOLDS and deep.scope == "all"
+    picked = make_agent_intervention("hard-agent", AgentRunConfig(layers=(1, 5)), n_layers=28).config
+    assert picked.thresholds == (RELEASED_THRESHOLDS[1], RELEASED_THRESHOLDS[5])
+    with pytest.raises(ConfigError, match=r"layers \[7\] have none"):
+        make_agent_intervention("hard-agent", AgentRunConfig(layers=(0, 7)), n_layers=28)
