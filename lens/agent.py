@@ -11,7 +11,9 @@ original image, PIL's box convention) is cropped and sent back as a new image in
     user     <tool_response> crop  (turn prompt) </tool_response>
     assistant … <answer>…</answer>
 
-:func:`run_agent` drives this loop. Its choices follow the released code, with its sources:
+:func:`run_agent` drives this loop for one item (an :class:`AgentEpisode`, advanced one call at a
+time); :func:`run_agents` drives several items in lockstep, the calls of items at the same turn
+decoded in one padded batch. Its choices follow the released code, with its sources:
 
 * **The intervention is applied at every model call**, on the conversation so far, re-encoded from
   scratch (``pair.encode(messages=...)``): ``intervention.prepare`` then ``generate``, exactly as the
@@ -295,6 +297,7 @@ class AgentTurn:
         scripted: Whether ``reply`` came from the script.
         status: One of :data:`TURN_STATUSES`.
         n_tokens: Prompt length of the call (the whole conversation so far).
+        n_generated: Tokens the model generated at this call (its end token included).
         setting: The intervention's setting at this call.
         tool_call: The raw text of the tool call, if any.
         box: The crop box that was cut, if any.
@@ -312,6 +315,7 @@ class AgentTurn:
     status: str
     n_tokens: int
     setting: str
+    n_generated: int | None = None
     tool_call: str | None = None
     box: Box | None = None
     error: str | None = None
@@ -329,6 +333,7 @@ class AgentTurn:
             "scripted": self.scripted,
             "status": self.status,
             "n_tokens": self.n_tokens,
+            "n_generated": self.n_generated,
             "setting": self.setting,
             "tool_call": self.tool_call,
             "box": list(self.box) if self.box is not None else None,
@@ -368,6 +373,11 @@ class AgentRun:
         return sum(t.status == "tool_error" for t in self.turns)
 
     @property
+    def n_generated(self) -> int:
+        """Tokens the model generated over all calls."""
+        return sum(t.n_generated or 0 for t in self.turns)
+
+    @property
     def final_reply(self) -> str:
         return self.turns[-1].reply
 
@@ -379,6 +389,7 @@ class AgentRun:
             "n_calls": self.n_calls,
             "n_tool_calls": self.n_tool_calls,
             "n_failed": self.n_failed,
+            "n_generated": self.n_generated,
             "turns": [t.to_dict() for t in self.turns],
         }
 
@@ -428,6 +439,146 @@ def assistant_turn(reply: str) -> Turn:
     return Turn("assistant", (TextPart(reply),))
 
 
+class AgentEpisode:
+    """One item's agent run, advanced one model call at a time.
+
+    :func:`run_agent` drives one episode; :func:`run_agents` drives several in lockstep, so that the
+    calls of several items at the same turn share one batched ``generate``. The episode owns the
+    conversation and the tool; whoever drives it encodes (:meth:`encode`), prepares the intervention
+    and decodes, then hands the decoded text to :meth:`advance`.
+
+    Args:
+        pair: The model pair (its chat layout: where the image goes).
+        question: The first user turn's text.
+        image: The image the question is about; crops are cut from it.
+        system: A system prompt, or ``None``.
+        config: The loop's settings.
+        script: Teacher-forced replies for the first calls.
+        tool: ``tool(image, box) -> crop``.
+
+    Raises:
+        InputError: An unreadable image or an empty question.
+        ConfigError: A script that is not a sequence of strings.
+    """
+
+    def __init__(
+        self,
+        pair: Any,
+        question: str,
+        image: ImageLike,
+        *,
+        system: str | None = None,
+        config: AgentConfig | None = None,
+        script: Sequence[str] = (),
+        tool: Tool = zoom_in,
+    ) -> None:
+        self.config = config or AgentConfig()
+        if isinstance(script, str) or not all(isinstance(s, str) for s in script):
+            raise ConfigError("script must be a sequence of reply strings")
+        self.script = tuple(script)
+        self.tool = tool
+        self.original = open_image(image)
+        self.conversation: list[Turn] = list(
+            prompt_turns(question, [self.original], system, pair.image_first)
+        )
+        self.turns: list[AgentTurn] = []
+        self.stop: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has ended (:attr:`stop` says why)."""
+        return self.stop is not None
+
+    def encode(self, pair: Any) -> PairInputs:
+        """The next call's inputs: the whole conversation so far, encoded from scratch."""
+        if self.done:
+            raise ConfigError(f"the run has ended ({self.stop}); there is no next call")
+        return pair.encode(messages=self.conversation)
+
+    def advance(
+        self,
+        generated: str,
+        inputs: PairInputs,
+        setting: str,
+        detail: Any = None,
+        n_generated: int | None = None,
+    ) -> AgentTurn:
+        """Take the call's decoded text: record the turn, run the tool or end the run.
+
+        Args:
+            generated: What the model decoded at this call.
+            inputs: The call's inputs (from :meth:`encode`).
+            setting: The intervention's setting at this call.
+            detail: The intervention's diagnostics of this call.
+            n_generated: Tokens the model generated at this call.
+
+        Returns:
+            The recorded turn.
+        """
+        if self.done:
+            raise ConfigError(f"the run has ended ({self.stop}); it takes no more calls")
+        config, index = self.config, len(self.turns)
+        scripted = index < len(self.script)
+        reply = self.script[index] if scripted else generated
+        last_call = index == config.max_turns - 1
+        record = dict(
+            index=index,
+            generated=generated,
+            reply=reply,
+            scripted=scripted,
+            n_tokens=inputs.n_tokens,
+            n_generated=n_generated,
+            setting=setting,
+            inputs=inputs,
+            detail=detail,
+        )
+        if reply.strip():  # an empty reply ends the run below; the chat cannot hold an empty turn
+            self.conversation.append(assistant_turn(reply))
+        tagged = last_answer_tag(reply)
+        try:
+            call = None if tagged is not None else parse_tool_call(reply)
+            if call is not None and call.name != config.tool_name:
+                raise ToolCallError(f"unknown tool {call.name!r}; the tool is {config.tool_name!r}")
+        except ToolCallError as exc:
+            turn = AgentTurn(status="tool_error", error=str(exc), **record)
+            if config.on_tool_error == "stop" or last_call:
+                self.stop = "tool_error" if config.on_tool_error == "stop" else "turn_limit"
+            else:
+                self.conversation.append(error_turn(str(exc)))
+            return self._add(turn)
+        if call is None:
+            answer = tagged if tagged is not None else config.find_answer(reply)
+            self.stop = "answer" if answer is not None else "no_tool_call"
+            return self._add(AgentTurn(status=self.stop, answer=answer, **record))
+        if last_call:
+            self.stop = "turn_limit"
+            return self._add(AgentTurn(status="turn_limit", tool_call=call.raw, **record))
+        try:
+            box = crop_box(call.arguments, self.original.size, config)
+        except ToolCallError as exc:
+            if config.on_tool_error == "stop":
+                self.stop = "tool_error"
+            else:
+                self.conversation.append(error_turn(str(exc)))
+            return self._add(AgentTurn(status="tool_error", tool_call=call.raw, error=str(exc), **record))
+        crop = self.tool(self.original, box)
+        self.conversation.append(tool_response_turn(crop, config))
+        return self._add(AgentTurn(status="tool", tool_call=call.raw, box=box, crop=crop, **record))
+
+    def _add(self, turn: AgentTurn) -> AgentTurn:
+        self.turns.append(turn)
+        if self.stop is None and len(self.turns) >= self.config.max_turns:
+            self.stop = "turn_limit"  # not reached: the last call always ends the run above
+        return turn
+
+    def result(self) -> AgentRun:
+        """The finished run."""
+        if not self.done:
+            raise ConfigError("the run has not ended yet")
+        answer = self.turns[-1].answer if self.stop == "answer" else None
+        return AgentRun(tuple(self.turns), self.stop, answer, tuple(self.conversation))
+
+
 def run_agent(
     pair: Any,
     intervention: Any,
@@ -463,64 +614,65 @@ def run_agent(
         InputError: An unreadable image or an empty question (before any model call).
         ConfigError: Bad settings, or a script that is not a sequence of strings.
     """
-    config = config or AgentConfig()
-    if isinstance(script, str) or not all(isinstance(s, str) for s in script):
-        raise ConfigError("script must be a sequence of reply strings")
-    original = open_image(image)
-    conversation = list(prompt_turns(question, [original], system, pair.image_first))
-    decoding = agent_decoding(pair, config, decoding)
-    turns: list[AgentTurn] = []
-    stop = "turn_limit"
-    for index in range(config.max_turns):
-        inputs = pair.encode(messages=conversation)
-        intervention.prepare(pair, inputs)
-        generated = intervention.generate(pair, inputs, decoding).texts[0]
-        scripted = index < len(script)
-        reply = script[index] if scripted else generated
-        last_call = index == config.max_turns - 1
-        record = dict(
-            index=index,
-            generated=generated,
-            reply=reply,
-            scripted=scripted,
-            n_tokens=inputs.n_tokens,
-            setting=intervention.setting(),
-            inputs=inputs,
-            detail=intervention.state.detail,
+    episode = AgentEpisode(pair, question, image, system=system, config=config, script=script, tool=tool)
+    return run_agents(pair, intervention, [episode], decoding)[0]
+
+
+def run_agents(
+    pair: Any,
+    intervention: Any,
+    episodes: Sequence[AgentEpisode],
+    decoding: DecodingConfig | None = None,
+    batch_size: int = 1,
+) -> list[AgentRun]:
+    """Run several episodes to their ends, the calls of up to ``batch_size`` of them at the same turn
+    decoded in one left-padded ``generate`` (:meth:`~lens.interventions.Intervention.generate_batch`).
+
+    Each call is encoded and prepared on its own episode's conversation, exactly as :func:`run_agent`
+    does; only the decode is shared. Greedy rows of a padded batch equal the unbatched decode up to
+    float rounding of the padded matmuls (see ``generate_batch``).
+
+    Args:
+        pair: The model pair.
+        intervention: The intervention, prepared afresh for every call of every episode.
+        episodes: The episodes (all with the same ``max_new_tokens``: one decoding for the batch).
+        decoding: Decoding settings (default: the pair's; greedy).
+        batch_size: Episodes per ``generate`` call.
+
+    Returns:
+        One :class:`AgentRun` per episode, in order.
+
+    Raises:
+        ConfigError: ``batch_size`` below 1, or episodes with different decode budgets.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size}")
+    if not episodes:
+        return []
+    budgets = {e.config.max_new_tokens for e in episodes}
+    if len(budgets) > 1:
+        raise ConfigError(
+            f"episodes batched together need one max_new_tokens, got {sorted(map(str, budgets))}"
         )
-        if reply.strip():  # an empty reply ends the run below; the chat cannot hold an empty turn
-            conversation.append(assistant_turn(reply))
-        tagged = last_answer_tag(reply)
-        try:
-            call = None if tagged is not None else parse_tool_call(reply)
-            if call is not None and call.name != config.tool_name:
-                raise ToolCallError(f"unknown tool {call.name!r}; the tool is {config.tool_name!r}")
-        except ToolCallError as exc:
-            turns.append(AgentTurn(status="tool_error", error=str(exc), **record))
-            if config.on_tool_error == "stop" or last_call:
-                stop = "tool_error" if config.on_tool_error == "stop" else "turn_limit"
-                break
-            conversation.append(error_turn(str(exc)))
-            continue
-        if call is None:
-            answer = tagged if tagged is not None else config.find_answer(reply)
-            stop = "answer" if answer is not None else "no_tool_call"
-            turns.append(AgentTurn(status=stop, answer=answer, **record))
+    decoding = agent_decoding(pair, episodes[0].config, decoding)
+    while True:
+        active = [e for e in episodes if not e.done]
+        if not active:
             break
-        if last_call:
-            turns.append(AgentTurn(status="turn_limit", tool_call=call.raw, **record))
-            break
-        try:
-            box = crop_box(call.arguments, original.size, config)
-        except ToolCallError as exc:
-            turns.append(AgentTurn(status="tool_error", tool_call=call.raw, error=str(exc), **record))
-            if config.on_tool_error == "stop":
-                stop = "tool_error"
-                break
-            conversation.append(error_turn(str(exc)))
-            continue
-        crop = tool(original, box)
-        turns.append(AgentTurn(status="tool", tool_call=call.raw, box=box, crop=crop, **record))
-        conversation.append(tool_response_turn(crop, config))
-    answer = turns[-1].answer if stop == "answer" else None
-    return AgentRun(tuple(turns), stop, answer, tuple(conversation))
+        for start in range(0, len(active), batch_size):
+            chunk = active[start : start + batch_size]
+            calls = []
+            for episode in chunk:
+                inputs = episode.encode(pair)
+                intervention.prepare(pair, inputs)
+                calls.append((inputs, intervention.state))
+            generations = intervention.generate_batch(pair, [state for _, state in calls], decoding)
+            for episode, (inputs, state), generation in zip(chunk, calls, generations, strict=True):
+                episode.advance(
+                    generation.texts[0],
+                    inputs,
+                    state.setting,
+                    state.detail,
+                    len(generation.token_ids[0]),
+                )
+    return [e.result() for e in episodes]

@@ -34,6 +34,7 @@ COMMANDS = (
     "reproduce",
     "pti",
     "plant",
+    "agent",
 )
 
 _OS_ERRORS = {
