@@ -20,7 +20,7 @@ class AgentTurn:
         generated: What the model decoded at this call (with the intervention).
         reply: The assistant text that entered the conversation: ``generated``, or the script's.
         scripted: Whether ``reply`` came from the script.
-        status: One of :data:`TURN_STATUSES`.
+        status: One of :data:`lens.agent_config.TURN_STATUSES`.
         n_tokens: Prompt length of the call (the whole conversation so far).
         n_generated: Tokens the model generated at this call (its end token included).
         setting: The intervention's setting at this call.
@@ -73,7 +73,7 @@ class AgentRun:
 
     Attributes:
         turns: One :class:`AgentTurn` per model call, in order.
-        stop: One of :data:`STOP_REASONS`.
+        stop: One of :data:`lens.agent_config.STOP_REASONS`.
         answer: The answer that ended the run (``stop == "answer"``), else ``None``.
         messages: The conversation, the last reply included.
     """

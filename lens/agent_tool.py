@@ -19,7 +19,7 @@ Tool = Callable[[Image.Image, Box], Image.Image]
 
 
 class ToolCallError(InputError):
-    """A malformed tool call; :func:`run_agent` records it as a failed turn and never raises it."""
+    """A malformed tool call; :func:`lens.agent.run_agent` records it as a failed turn and never raises it."""
 
 
 _TOOL_CALL = re.compile(

@@ -29,12 +29,14 @@ class ReplayConfig:
         select: ``"low"`` (the method) or ``"high"`` (inverted mask within visual tokens).
         normalize: Divide the summed layer losses by the number of visual tokens (released: yes).
         token_chunk: Positions per full-vocabulary projection on the base side.
-        rule: Mask rule, ``"tau_max"`` (released) or ``"quantile"`` (see the module docstring).
+        rule: Mask rule, ``"tau_max"`` (released) or ``"quantile"`` (see
+            :mod:`lens.interventions.replay`).
         quantile: q of the ``quantile`` rule, in (0, 1).
         residual: Precision of the residual stream at the visual positions through the replay
-            layers in a bf16/fp16 model: ``"float32"`` (the float32 carry, see the module docstring)
-            or ``"model"`` (Δ cast to the model dtype at the input of block 0; updates below half an
-            ulp vanish). Float32 models give the same numbers either way.
+            layers in a bf16/fp16 model: ``"float32"`` (the float32 carry, see
+            :mod:`lens.interventions.replay`) or ``"model"`` (Δ cast to the model dtype at the input
+            of block 0; updates below half an ulp vanish). Float32 models give the same numbers
+            either way.
     """
 
     tau: float = 0.4

@@ -26,11 +26,12 @@ class VisualResidual:
     :meth:`install` registers a pre-hook on block 0 and a forward hook on each block 0..``last``.
     They act on forwards of ``n_tokens`` positions (the prefill) and let one-token decode steps
     through (those see Δ only through the KV cache, as released). With ``float32_carry`` and a
-    bf16/fp16 model, the residual at the indexed positions is carried in float32 (see the module
-    docstring): ``r_0 = float(e) + Δ``, ``r_{l+1} = r_l + (float(out_l) − float(bf16(r_l)))``, each
-    block reading ``bf16(r_l)``. Otherwise Δ is cast to the model dtype and added, and block outputs
-    are left alone. :attr:`current` is the residual at the indexed positions where the forward has
-    got to (the input of block 0 with Δ, then each block's output), for hooks registered after these.
+    bf16/fp16 model, the residual at the indexed positions is carried in float32 (see
+    :mod:`lens.interventions.replay`): ``r_0 = float(e) + Δ``,
+    ``r_{l+1} = r_l + (float(out_l) − float(bf16(r_l)))``, each block reading ``bf16(r_l)``.
+    Otherwise Δ is cast to the model dtype and added, and block outputs are left alone.
+    :attr:`current` is the residual at the indexed positions where the forward has got to (the
+    input of block 0 with Δ, then each block's output), for hooks registered after these.
 
     The replay objective and the decoding prefill both use this, so they run the same forward.
 
