@@ -74,12 +74,6 @@ from lens.interventions import Intervention, Prepared
 from lens.records import RecordWriter, write_tables
 
 
-def _images(sample: Any) -> tuple[Any, ...]:
-    from lens.datasets import sample_images  # every image of a multi-image sample, not only the first
-
-    return sample_images(sample)
-
-
 @dataclass
 class PreparedItem:
     """One item after :meth:`Intervention.prepare`: its state, the warnings raised and the time taken."""
