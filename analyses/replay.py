@@ -181,7 +181,9 @@ def run_replay_grid(
     ``ablation.csv``, ``replay_losses.csv``, ``ablation_heatmap.{png,pdf}`` and ``replay_loss.{png,pdf}``."""
     config = replace(config, strategies=("rlvr", "replay"))
     interventions = grid_interventions(grid, config, pair.n_layers, select)
-    per_item = run_settings(pair, samples, interventions, config, out_dir, resume, progress, verify, shard)
+    per_item = run_settings(
+        pair, samples, interventions, config, out_dir, resume, progress, verify, shard, progress_label="replay"
+    )
     if per_item is None:  # a shard of a data-parallel run: the merge tabulates
         return None
     summary = summarise(per_item, config.ks, config.n_boot, config.seed)

@@ -30,6 +30,9 @@ class ArchitectureAdapter:
         multimodal: Whether the family takes images.
         image_inputs: The family's image builder, a module of :mod:`lens.inputs` with an
             ``expand_images`` function (``""`` for text-only families).
+        projector_out_path: Dotted path to the vision projector's last linear layer, whose output
+            (bias included) is exactly the visual tokens' input to block 0; ``""`` where no such
+            layer exists (a weight plant, :mod:`lens.planted_checkpoint`, edits its bias).
     """
 
     name: str
@@ -39,6 +42,7 @@ class ArchitectureAdapter:
     embed_path: str
     multimodal: bool
     image_inputs: str = ""
+    projector_out_path: str = ""
 
     model_types: ClassVar[tuple[str, ...]] = ()
 
@@ -272,6 +276,7 @@ _QWEN_VL_PATHS = dict(
     embed_path="model.language_model.embed_tokens",
     multimodal=True,
     image_inputs="qwen_vl",
+    projector_out_path="model.visual.merger.mlp.2",
 )
 
 QWEN2_5_VL = QwenVLAdapter(name="Qwen2.5-VL", **_QWEN_VL_PATHS)
@@ -284,6 +289,7 @@ INTERNVL = InternVLAdapter(
     embed_path="model.language_model.embed_tokens",
     multimodal=True,
     image_inputs="internvl",
+    projector_out_path="model.multi_modal_projector.linear_2",
 )
 _GLM4V_PATHS = dict(
     layers_path="model.language_model.layers",
@@ -296,8 +302,13 @@ _GLM4V_PATHS = dict(
 
 GLM4V = Glm4vAdapter(name="GLM-4.1V", **_GLM4V_PATHS)
 GLM4V_MOE = Glm4vAdapter(name="GLM-4.5V", **_GLM4V_PATHS)
-QWEN3_VL = Qwen3VLAdapter(name="Qwen3-VL", **{**_QWEN_VL_PATHS, "image_inputs": "qwen3_vl"})
-QWEN3_VL_MOE = Qwen3VLAdapter(name="Qwen3-VL-MoE", **{**_QWEN_VL_PATHS, "image_inputs": "qwen3_vl"})
+_QWEN3_VL_PATHS = {
+    **_QWEN_VL_PATHS,
+    "image_inputs": "qwen3_vl",
+    "projector_out_path": "model.visual.merger.linear_fc2",  # DeepStack's own mergers feed later layers
+}
+QWEN3_VL = Qwen3VLAdapter(name="Qwen3-VL", **_QWEN3_VL_PATHS)
+QWEN3_VL_MOE = Qwen3VLAdapter(name="Qwen3-VL-MoE", **_QWEN3_VL_PATHS)
 CAUSAL_LM = ArchitectureAdapter(
     name="decoder-only causal LM (Qwen2/Llama-style)",
     layers_path="model.layers",

@@ -33,6 +33,8 @@ COMMANDS = (
     "organism",
     "reproduce",
     "pti",
+    "plant",
+    "agent",
 )
 
 _OS_ERRORS = {

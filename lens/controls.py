@@ -33,7 +33,8 @@ cannot silently act as the plain base::
         run_drift(twin, items)                       # drift of a known edit
         HardInjection(layers=(0,), rule="quantile", quantile=0.2).prepare(twin, inputs)
 
-Only hook-based edits are offered; there is no weight edit for a saved checkpoint.
+For a twin saved as a checkpoint (loadable by path from the CLI), :mod:`lens.planted_checkpoint`
+writes the weight edits that reproduce the ``"random"`` and ``"text"`` plants at block 0 with q = 1.
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ _STATE_KWARGS = (
 )
 
 
+def plant_size(size: Any) -> float:
+    """``size`` as a float, checked: a number, finite and ``>= 0``.
+
+    Raises:
+        ConfigError: Anything else.
+    """
+    try:
+        value = float(size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"plant size must be a number, got {size!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"plant size must be finite and >= 0, got {size}")
+    return value
+
+
 @dataclass(frozen=True)
 class PlantConfig:
     """One planted edit.
@@ -110,13 +126,7 @@ class PlantConfig:
             raise ConfigError(f"a plant goes on 'base' or 'rlvr', got {self.on!r}")
         if self.where not in PLANT_SITES:
             raise ConfigError(f"plant location must be one of {', '.join(PLANT_SITES)}; got {self.where!r}")
-        try:
-            size = float(self.size)
-        except (TypeError, ValueError):
-            raise ConfigError(f"plant size must be a number, got {self.size!r}") from None
-        if not math.isfinite(size) or size < 0:
-            raise ConfigError(f"plant size must be finite and >= 0, got {self.size}")
-        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "size", plant_size(self.size))
         if isinstance(self.layer, bool) or int(self.layer) != self.layer or self.layer < 0:
             raise ConfigError(f"plant layer must be an integer >= 0, got {self.layer}")
         object.__setattr__(self, "layer", int(self.layer))

@@ -254,14 +254,11 @@ def load_models(
 
 
 def organism_sources(twins: Sequence[str]) -> dict[str, str]:
-    """The organism's base and the named twins (``rlvr``, ``control``) as checkpoint folders.
+    """The organism's base and the twins (``rlvr``, ``control`` or checkpoint folders) as folders.
 
     Raises:
         ConfigError: An unknown twin.
     """
     from lens import organism
 
-    unknown = [t for t in twins if t not in organism.KNOWN_PAIRS]
-    if unknown:
-        raise ConfigError(f"unknown organism twin {unknown[0]!r}; known: {', '.join(organism.KNOWN_PAIRS)}")
-    return {"base": str(organism.model_dir("base")), **{t: str(organism.model_dir(t)) for t in twins}}
+    return {"base": str(organism.model_dir("base")), **{t: organism.twin_source(t) for t in twins}}

@@ -215,10 +215,7 @@ def pair_sources(args: argparse.Namespace) -> tuple[str, str]:
     if args.base == "organism":
         from lens import organism
 
-        twin = args.rlvr or "rlvr"
-        if twin not in organism.KNOWN_PAIRS:
-            raise ConfigError(f"unknown organism twin {twin!r}; known: {', '.join(organism.KNOWN_PAIRS)}")
-        return str(organism.model_dir("base")), str(organism.model_dir(twin))
+        return str(organism.model_dir("base")), organism.twin_source(args.rlvr or "rlvr")
     if args.rlvr is None:
         raise ConfigError("--rlvr is required when --base is a checkpoint folder")
     return _resolve(args.base), _resolve(args.rlvr)

@@ -146,7 +146,8 @@ def run_pair_eval(args: argparse.Namespace) -> int:
             interventions = [(base_name, make_intervention("base", config, pair.n_layers))]
             interventions += [(m, make_intervention("rlvr", config, pair.n_layers)) for m in pair.names[1:]]
         runs = run_settings(
-            pair, samples, interventions, config, out, resume, progress=True, shard=shard, pairs=pairs
+            pair, samples, interventions, config, out, resume, progress=True, shard=shard, pairs=pairs,
+            progress_label="eval",
         )
         if runs is None:
             return None

@@ -52,13 +52,16 @@ log-probabilities at the selected positions; the RLVR side runs the vision tower
 or the family's cached vision inputs, see ``ArchitectureAdapter.cached_vision_inputs``),
 stops its forward at the last replay layer, projects only the k unembedding rows it needs, and builds
 no graph for the weights.
+
+The settings and result live in :mod:`lens.interventions.replay_config`, the base side of the loss
+in :mod:`lens.interventions.replay_targets`, the float32 carry in
+:mod:`lens.interventions.replay_residual`; every name is importable from here.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,242 +86,16 @@ from lens.interventions.base import (
     installed,
     require_visual,
 )
-from lens.logit_lens import entropy_from_logits, lens_of
-from lens.masks import EntropyMask
-
-
-@dataclass(frozen=True)
-class ReplayConfig:
-    """Activation Replay hyper-parameters (defaults: the released MM-Eureka-7B config).
-
-    Attributes:
-        tau: Mask threshold as a fraction of the per-layer max base entropy over visual tokens
-            (``rule="tau_max"``).
-        alpha: Step size of the plain gradient update.
-        steps: Number of gradient steps.
-        layers: Decoder layers whose lens enters the loss (released: 0..15).
-        topk: Base top-k ids the KL is restricted to.
-        variant: ``"released"`` (RLVR input of block L vs base output of block L) or ``"paper"``
-            (both sides at the output of block L).
-        select: ``"low"`` (the method) or ``"high"`` (inverted mask within visual tokens).
-        normalize: Divide the summed layer losses by the number of visual tokens (released: yes).
-        token_chunk: Positions per full-vocabulary projection on the base side.
-        rule: Mask rule, ``"tau_max"`` (released) or ``"quantile"`` (see the module docstring).
-        quantile: q of the ``quantile`` rule, in (0, 1).
-        residual: Precision of the residual stream at the visual positions through the replay
-            layers in a bf16/fp16 model: ``"float32"`` (the float32 carry, see the module docstring)
-            or ``"model"`` (Δ cast to the model dtype at the input of block 0; updates below half an
-            ulp vanish). Float32 models give the same numbers either way.
-    """
-
-    tau: float = 0.4
-    alpha: float = 10.0
-    steps: int = 25
-    layers: tuple[int, ...] = tuple(range(16))
-    topk: int = 50
-    variant: str = "released"
-    select: str = "low"
-    normalize: bool = True
-    token_chunk: int = 256
-    rule: str = "tau_max"
-    quantile: float = 0.3
-    residual: str = "float32"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
-        if self.rule not in ("tau_max", "quantile"):
-            raise ConfigError(f"replay mask rule must be 'tau_max' or 'quantile', got {self.rule!r}")
-        _ = self.mask  # validates tau and quantile
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise ConfigError(f"steps must be an integer >= 1, got {self.steps}")
-        if not self.layers:
-            raise ConfigError("no replay layers given")
-        if self.topk < 1:
-            raise ConfigError(f"topk must be >= 1, got {self.topk}")
-        if self.variant not in ("released", "paper"):
-            raise ConfigError(f"variant must be 'released' or 'paper', got {self.variant!r}")
-        if self.select not in ("low", "high"):
-            raise ConfigError(f"select must be 'low' or 'high', got {self.select!r}")
-        if self.token_chunk < 1:
-            raise ConfigError(f"token_chunk must be >= 1, got {self.token_chunk}")
-        if self.residual not in ("float32", "model"):
-            raise ConfigError(f"residual must be 'float32' or 'model', got {self.residual!r}")
-
-    @property
-    def mask(self) -> EntropyMask:
-        """The visual-token selection rule."""
-        return EntropyMask(rule=self.rule, tau=self.tau, quantile=self.quantile)
-
-
-@dataclass(frozen=True)
-class ReplayTargets:
-    """The base side of the loss, computed once per sample.
-
-    Attributes:
-        base_entropy: ``[layers, n_visual]`` float32 base entropy at the visual tokens.
-        selected: ``{layer: LongTensor[n_sel]}`` indices *into the visual tokens* in the mask.
-        topk_ids: ``{layer: [n_sel, k]}`` the base's top-k vocabulary ids there.
-        topk_logp: ``{layer: [n_sel, k]}`` base log-probabilities renormalised over those k ids.
-    """
-
-    base_entropy: torch.Tensor
-    selected: dict[int, torch.Tensor]
-    topk_ids: dict[int, torch.Tensor]
-    topk_logp: dict[int, torch.Tensor]
-
-    @property
-    def n_selected(self) -> dict[int, int]:
-        return {layer: int(idx.numel()) for layer, idx in self.selected.items()}
-
-
-@dataclass(frozen=True)
-class ReplayResult:
-    """What one sample's optimisation produced.
-
-    Attributes:
-        offsets: ``[n_visual, hidden]`` float32 learned Δ (raster order of the visual tokens).
-        losses: The loss at Δ_t before update t, for t = 0..steps-1 (``losses[0]`` = unmodified RLVR).
-        final_loss: The loss at the final Δ (the released code never computes it).
-        n_selected: Selected visual tokens per layer.
-        n_visual: Number of visual tokens.
-        skipped_steps: Steps skipped because the loss was exactly zero.
-        loss_changed: Whether any loss after the first (``final_loss`` included) differs from
-            ``losses[0]``; False means the updates never reached the forward (a warning says so).
-    """
-
-    offsets: torch.Tensor
-    losses: tuple[float, ...]
-    final_loss: float
-    n_selected: dict[int, int]
-    n_visual: int
-    skipped_steps: int
-    loss_changed: bool
-
-
-def base_targets(pair: Any, inputs: PairInputs, config: ReplayConfig) -> ReplayTargets:
-    """Base entropy, mask, top-k ids and renormalised log-probabilities, from one base forward."""
-    visual = require_visual(inputs, "Activation Replay")
-    layers = config.layers
-    states = capture_block_residuals(pair.base, pair.adapter, inputs.model_inputs, outputs_of=layers)
-    lens = lens_of(pair.base, pair.adapter)
-    vis = visual.to(pair.device)
-    # One full-vocabulary projection per (layer, visual token) gives both the entropy and the top-k,
-    # on the visual positions only (the mask never looks elsewhere; released inefficiency 6).
-    entropies, all_ids, all_logp = [], [], []
-    with torch.no_grad():
-        for layer in layers:
-            hidden = states[("out", layer)][vis]
-            parts = []
-            for start in range(0, hidden.shape[0], config.token_chunk):
-                logits = lens.logits(hidden[start : start + config.token_chunk])
-                values, ids = logits.topk(config.topk, dim=-1)
-                parts.append((entropy_from_logits(logits), ids, torch.log_softmax(values, dim=-1)))
-            entropies.append(torch.cat([p[0] for p in parts]))
-            all_ids.append(torch.cat([p[1] for p in parts]))
-            all_logp.append(torch.cat([p[2] for p in parts]))
-    base_entropy = torch.stack(entropies)
-    candidates = torch.ones(vis.numel(), dtype=torch.bool, device=base_entropy.device)
-    mask = config.mask.select(base_entropy, candidates, config.select)
-    selected, topk_ids, topk_logp = {}, {}, {}
-    for row, layer in enumerate(layers):
-        idx = mask[row].nonzero().squeeze(-1)
-        if idx.numel():
-            selected[layer] = idx
-            topk_ids[layer] = all_ids[row][idx]
-            topk_logp[layer] = all_logp[row][idx]
-    return ReplayTargets(base_entropy.cpu(), selected, topk_ids, topk_logp)
+from lens.interventions.replay_config import ReplayConfig, ReplayResult
+from lens.interventions.replay_residual import VisualResidual, narrower_than_float32
+from lens.interventions.replay_targets import ReplayTargets, base_targets
+from lens.logit_lens import lens_of
 
 
 def kl_topk(base_logp: torch.Tensor, rlvr_logits: torch.Tensor) -> torch.Tensor:
     """``batchmean`` KL(P_base ‖ P_rlvr) over k ids, both renormalised (``F.kl_div(log q, p)``)."""
     rlvr_logq = torch.log_softmax(rlvr_logits, dim=-1)
     return (base_logp.exp() * (base_logp - rlvr_logq)).sum() / base_logp.shape[0]
-
-
-def narrower_than_float32(dtype: torch.dtype) -> bool:
-    """Whether a floating dtype has less precision than float32 (bf16, fp16)."""
-    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
-
-
-class VisualResidual:
-    """Offsets Δ added at the input of block 0, and the residual stream at their positions through block ``last``.
-
-    :meth:`install` registers a pre-hook on block 0 and a forward hook on each block 0..``last``.
-    They act on forwards of ``n_tokens`` positions (the prefill) and let one-token decode steps
-    through (those see Δ only through the KV cache, as released). With ``float32_carry`` and a
-    bf16/fp16 model, the residual at the indexed positions is carried in float32 (see the module
-    docstring): ``r_0 = float(e) + Δ``, ``r_{l+1} = r_l + (float(out_l) − float(bf16(r_l)))``, each
-    block reading ``bf16(r_l)``. Otherwise Δ is cast to the model dtype and added, and block outputs
-    are left alone. :attr:`current` is the residual at the indexed positions where the forward has
-    got to (the input of block 0 with Δ, then each block's output), for hooks registered after these.
-
-    The replay objective and the decoding prefill both use this, so they run the same forward.
-
-    Args:
-        positions: Sequence positions of the offsets, the same in every batch row; or a
-            ``(rows, cols)`` pair of index tensors (per-row positions, for batched decoding).
-        offsets: ``[n, hidden]`` float32 Δ, one row per indexed position.
-        n_tokens: Sequence length of the forward the offsets belong to (the prefill).
-        last: The last block the carry runs through (the deepest replay layer).
-        float32_carry: Carry the residual in float32 when the model dtype is narrower.
-    """
-
-    def __init__(
-        self,
-        positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        offsets: torch.Tensor,
-        n_tokens: int,
-        last: int,
-        float32_carry: bool = True,
-    ) -> None:
-        self.key = (slice(None), positions) if isinstance(positions, torch.Tensor) else tuple(positions)
-        self.offsets, self.n_tokens, self.last = offsets, int(n_tokens), int(last)
-        self.float32_carry = float32_carry
-        self.current: torch.Tensor | None = None
-        self._carrying = False
-
-    def install(self, blocks: Sequence[nn.Module]) -> list[RemovableHandle]:
-        """Register the hooks on the decoder ``blocks``; return their handles (the caller removes them)."""
-        handles: list[RemovableHandle] = []
-        try:
-            handles.append(edit_input(blocks[0], self._enter))
-            handles.extend(edit_output(blocks[i], self._leave) for i in range(self.last + 1))
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-        return handles
-
-    def _enter(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if hidden.shape[1] == 1:
-            self.current = None  # decode step: sees Δ only through the KV cache, as released
-            return None
-        if hidden.shape[1] != self.n_tokens:
-            raise InputError(f"prefill of {hidden.shape[1]} tokens, but Δ was learned for {self.n_tokens}")
-        self._carrying = self.float32_carry and narrower_than_float32(hidden.dtype)
-        edited = hidden.clone()
-        if self._carrying:
-            self.current = hidden[self.key].float() + self.offsets
-            edited[self.key] = self.current.to(hidden.dtype)
-        else:
-            edited[self.key] = hidden[self.key] + self.offsets.to(hidden.dtype)
-            self.current = edited[self.key]
-        return edited
-
-    def _leave(self, output: torch.Tensor) -> torch.Tensor | None:
-        if self.current is None:
-            return None
-        if not self._carrying:
-            self.current = output[self.key]
-            return None
-        # The block read bf16(r) at these positions; keep its contribution, not its rounded sum.
-        read = self.current.to(output.dtype)
-        self.current = self.current + (output[self.key].float() - read.float())
-        edited = output.clone()
-        edited[self.key] = self.current.to(output.dtype)
-        return edited
 
 
 class _FastObjective:

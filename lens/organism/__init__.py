@@ -85,17 +85,32 @@ def load_pair(rlvr: str = "rlvr", **kw: Any):
     """Load ``base`` and a twin (``rlvr`` or ``control``) through :func:`lens.load_pair`.
 
     Args:
-        rlvr: Twin name, one of :data:`KNOWN_PAIRS`.
+        rlvr: Twin name, one of :data:`KNOWN_PAIRS`, or a checkpoint folder derived from the organism's
+            base (e.g. a planted checkpoint, :mod:`lens.planted_checkpoint`), read with the
+            organism's prompt layout.
         **kw: Passed to :func:`lens.load_pair` (``dtype``, ``device``...). ``image_first`` defaults to
             ``False`` because the organism was trained with the question before the image.
     """
-    if rlvr not in KNOWN_PAIRS:
-        raise ConfigError(f"unknown organism twin {rlvr!r}; known: {', '.join(KNOWN_PAIRS)}")
     import lens
 
     kw = {k: v for k, v in kw.items() if v is not None}
     kw.setdefault("image_first", IMAGE_FIRST)
-    return lens.load_pair(str(model_dir("base")), str(model_dir(rlvr)), **kw)
+    return lens.load_pair(str(model_dir("base")), twin_source(rlvr), **kw)
+
+
+def twin_source(rlvr: str) -> str:
+    """The folder of an organism twin: a name of :data:`KNOWN_PAIRS` or a checkpoint folder.
+
+    Raises:
+        ConfigError: Neither a known twin nor an existing folder.
+    """
+    if rlvr in KNOWN_PAIRS:
+        return str(model_dir(rlvr))
+    if Path(rlvr).is_dir():
+        return str(Path(rlvr))
+    raise ConfigError(
+        f"unknown organism twin {rlvr!r}; known: {', '.join(KNOWN_PAIRS)}, or a checkpoint folder"
+    )
 
 
 def load_model(name: str):
