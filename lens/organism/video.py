@@ -360,7 +360,7 @@ validation accuracy ~0.25, one loss spike); at 1e-3 it leaves the prior after ~1
 0.45 early-stopping bar at ~120 (5e-4 also leaves it, ~20 steps later). The 300-step cap bounds the
 training time should a seed not get there. A video GRPO step costs more than an image one (1.0-1.4 s on
 one thread against the image organism's 0.83 s), so 200 steps (and 200 control updates) keep the whole run
-within the 10-minute budget (482 s for seed 2 on a lightly loaded 2-core machine; 300 steps ran 664 s).
+within the 10-minute budget (482 s for seed 2 on a lightly loaded 2-core machine).
 """
 
 
