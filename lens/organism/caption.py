@@ -34,7 +34,9 @@ def cell_words(image: Image.Image) -> list[tuple[str, str] | None]:
     """
     x = np.asarray(image.convert("RGB")).astype(np.int16)
     if x.shape[:2] != (GRID * CELL, GRID * CELL):
-        raise ValueError(f"cell_words expects a {GRID * CELL}x{GRID * CELL} organism image, got {x.shape[:2]}")
+        raise ValueError(
+            f"cell_words expects a {GRID * CELL}x{GRID * CELL} organism image, got {x.shape[:2]}"
+        )
     words: list[tuple[str, str] | None] = []
     for row in range(GRID):
         for col in range(GRID):
