@@ -253,7 +253,7 @@ def load_models(
     return ModelSet(models, comparisons, adapter, tokenizers[last], processors.get(last), image_first, preset)
 
 
-def organism_sources(twins: Sequence[str]) -> dict[str, str]:
+def organism_sources(twins: Sequence[str], variant: str = "organism") -> dict[str, str]:
     """The organism's base and the named twins (``rlvr``, ``control``) as checkpoint folders.
 
     Raises:
@@ -264,4 +264,7 @@ def organism_sources(twins: Sequence[str]) -> dict[str, str]:
     unknown = [t for t in twins if t not in organism.KNOWN_PAIRS]
     if unknown:
         raise ConfigError(f"unknown organism twin {unknown[0]!r}; known: {', '.join(organism.KNOWN_PAIRS)}")
-    return {"base": str(organism.model_dir("base")), **{t: str(organism.model_dir(t)) for t in twins}}
+    return {
+        "base": str(organism.model_dir("base", variant)),
+        **{t: str(organism.model_dir(t, variant)) for t in twins},
+    }

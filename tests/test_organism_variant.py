@@ -126,3 +126,79 @@ def test_train_cli_refuses_bad_caption_options(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):
         args.handler(args)
     assert not (tmp_path / "w").exists()
+
+
+def test_caption_stage_is_deterministic_for_a_seed():
+    cfg = TrainConfig(caption_steps=3, sft_max_steps=1, sft_min_steps=1, sft_check_every=100, rl_steps=0,
+                      sft_batch=4, val_n=4)  # fmt: skip
+    arch = TinyConfig(tie_word_embeddings=True)
+    first, _, _, _ = train_models(cfg, progress=False, arch=arch)
+    second, _, _, _ = train_models(cfg, progress=False, arch=arch)
+    for a, b in zip(first["base"].parameters(), second["base"].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# --- the shipped readable organism ("organism-tied") ---------------------------------------------------
+
+
+def test_shipped_tied_trio_is_complete_small_and_tied():
+    from lens import organism
+
+    for name in organism.MODEL_NAMES:
+        folder = organism.model_dir(name, "organism-tied")
+        assert (folder / "model.safetensors").stat().st_size <= 10 * 2**20
+        model, _, _ = organism.load_model(name, "organism-tied")
+        assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    m = organism.manifest("organism-tied")
+    assert m["architecture"]["tie_word_embeddings"] is True
+    assert m["train_config"]["caption_steps"] > 0
+    acc = {k: v["accuracy"] for k, v in m["heldout_greedy"].items()}
+    assert acc["rlvr"] >= acc["base"] + 0.05
+    with pytest.raises(ConfigError, match="organism-tied"):
+        organism.weights_dir("organism-nope")
+
+
+def _selected(pair, items):
+    """Released τ·max mask (τ = 0.4) at the organism's replay layers 0-1: ``[(selected, shape cells)]``."""
+    from lens.interventions.replay import ReplayConfig, base_targets
+    from lens.prompts import encode_sample
+
+    out = []
+    for s in items:
+        targets = base_targets(pair, encode_sample(pair, s), ReplayConfig(layers=(0, 1)))
+        shapes = {j for j, w in enumerate(cell_words(s.image)) if w is not None}
+        out.append(([set(idx.tolist()) for idx in targets.selected.values()], shapes))
+    return out
+
+
+def test_released_mask_selects_the_shape_tokens_of_the_tied_organism():
+    """τ·max selects nothing on the default organism but exactly the shape cells on the readable one."""
+    import lens
+    from lens.organism.task import heldout
+
+    items = heldout(6)
+    assert all(not chosen for chosen, _ in _selected(lens.load_pair("organism"), items))
+    for chosen, shapes in _selected(lens.load_pair("organism-tied"), items):
+        assert len(chosen) == 2  # both layers select
+        assert all(layer == shapes for layer in chosen)
+
+
+def test_eval_runs_on_the_tied_organism(tmp_path):
+    from lens.commands import eval as eval_cmd
+
+    parser = argparse.ArgumentParser()
+    eval_cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--base", "organism-tied", "--items", "4", "--n", "2", "--k", "1,2",
+                              "--out", str(tmp_path)])  # fmt: skip
+    assert args.handler(args) == 0
+    import json
+
+    from lens import organism
+    from lens.organism.task import heldout
+    from lens.organism.train import rollout
+
+    records = [json.loads(line) for line in next(tmp_path.glob("records-*.jsonl")).read_text().splitlines()]
+    for name in organism.MODEL_NAMES:  # the eval decoded the tied trio, not the default one
+        model, tok, _ = organism.load_model(name, "organism-tied")
+        expected = [r[0] for r in rollout(model, Encoder(tok), heldout(4))]
+        assert [r["response"] for r in records if r["model"] == name] == expected, name
