@@ -405,7 +405,8 @@ def load_pair(
     """Load a base/RLVR pair from two checkpoint folders (or hub ids where a network exists).
 
     Args:
-        base: Base checkpoint folder, or ``"organism"`` for the built-in pair.
+        base: Base checkpoint folder, or ``"organism"`` for the built-in pair (``"organism-tied"``: the
+            opt-in readable organism).
         rlvr: RLVR checkpoint folder; with ``base="organism"`` a twin name (``"rlvr"`` or ``"control"``).
         dtype: Model dtype (``torch.bfloat16`` for 7B models); default float32.
         device: Device to load both models onto (ignored when ``device_map`` is given).
@@ -426,11 +427,12 @@ def load_pair(
         UnsupportedArchitectureError: The family has no adapter.
         PairMismatchError: The two checkpoints cannot be compared.
     """
-    if str(base) == "organism":
-        from lens import organism
+    from lens import organism
 
+    if str(base) in organism.VARIANTS:
         return organism.load_pair(
             rlvr=str(rlvr or "rlvr"),
+            variant=str(base),
             dtype=dtype,
             device=device,
             device_map=device_map,

@@ -253,7 +253,7 @@ def load_models(
     return ModelSet(models, comparisons, adapter, tokenizers[last], processors.get(last), image_first, preset)
 
 
-def organism_sources(twins: Sequence[str]) -> dict[str, str]:
+def organism_sources(twins: Sequence[str], variant: str = "organism") -> dict[str, str]:
     """The organism's base and the twins (``rlvr``, ``control`` or checkpoint folders) as folders.
 
     Raises:
@@ -261,4 +261,7 @@ def organism_sources(twins: Sequence[str]) -> dict[str, str]:
     """
     from lens import organism
 
-    return {"base": str(organism.model_dir("base")), **{t: organism.twin_source(t) for t in twins}}
+    return {
+        "base": str(organism.model_dir("base", variant)),
+        **{t: organism.twin_source(t, variant) for t in twins},
+    }

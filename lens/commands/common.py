@@ -25,7 +25,11 @@ DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 def add_pair_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
     """``--base``/``--rlvr``/``--dtype``/``--device``/``--threads`` (and, with ``several``, repeated
     ``--rlvr`` twins and ``--models`` stages)."""
-    parser.add_argument("--base", default="organism", help="base checkpoint folder, or 'organism' (default)")
+    parser.add_argument(
+        "--base",
+        default="organism",
+        help="base checkpoint folder, or 'organism' (default; 'organism-tied': the readable variant)",
+    )
     if several:
         parser.add_argument(
             "--rlvr",
@@ -210,12 +214,11 @@ def pair_sources(args: argparse.Namespace) -> tuple[str, str]:
         ConfigError: ``--rlvr`` missing for a checkpoint-folder base.
         CheckpointError: A folder that does not exist or has no ``config.json``.
     """
+    from lens import organism
     from lens.loading import _resolve
 
-    if args.base == "organism":
-        from lens import organism
-
-        return str(organism.model_dir("base")), organism.twin_source(args.rlvr or "rlvr")
+    if args.base in organism.VARIANTS:
+        return str(organism.model_dir("base", args.base)), organism.twin_source(args.rlvr or "rlvr", args.base)
     if args.rlvr is None:
         raise ConfigError("--rlvr is required when --base is a checkpoint folder")
     return _resolve(args.base), _resolve(args.rlvr)
@@ -515,7 +518,9 @@ def load_pair_from_args(args: argparse.Namespace, device: str | None = None) -> 
     from lens.loading import load_pair
 
     apply_threads(args)
-    if args.base != "organism" and args.rlvr is None:
+    from lens.organism import VARIANTS
+
+    if args.base not in VARIANTS and args.rlvr is None:
         raise ConfigError("--rlvr is required when --base is a checkpoint folder")
     pair = load_pair(
         args.base,

@@ -75,7 +75,9 @@ def check_args(args: argparse.Namespace):
 def organism_trio(args: argparse.Namespace) -> bool:
     """Whether this is the organism's own evaluation (its three models on its held-out set)."""
     plain = args.prompt is None and args.system is None and args.verifier == "auto" and args.columns is None
-    return args.base == "organism" and args.rlvr is None and args.data is None and plain
+    from lens.organism import VARIANTS
+
+    return args.base in VARIANTS and args.rlvr is None and args.data is None and plain
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -198,7 +200,7 @@ def run_organism_eval(args: argparse.Namespace) -> int:
     items = args.items or 500
     samples = organism.heldout(items)
     with OutputFolder(out):
-        loaded = {name: organism.load_model(name) for name in organism.MODEL_NAMES}
+        loaded = {name: organism.load_model(name, args.base) for name in organism.MODEL_NAMES}
         encoder = Encoder(loaded["base"][1])
         models = {name: m for name, (m, _, _) in loaded.items()}
         tag = f"n{cfg.n}-seed{cfg.seed}-items{items}"
@@ -212,7 +214,7 @@ def run_organism_eval(args: argparse.Namespace) -> int:
         )
         with writer:
             result = evaluate(models, encoder, samples, organism.verify, cfg, writer=writer, progress=True)
-            write_outputs(result, out, title=f"organism, {items} held-out items, n={cfg.n}")
+            write_outputs(result, out, title=f"{args.base}, {items} held-out items, n={cfg.n}")
     print(wide_table(result.summary).to_string())
     print_differences(result)
     print(f"\nwrote {out}/summary.csv, differences.csv, per_item.csv, table.md, pass_at_k.png/.pdf")

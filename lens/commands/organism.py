@@ -40,6 +40,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["image", "video"],
         help="image organism (default) or video organism",
     )
+    train.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        help="tie the unembedding to the input embedding (opt-in; the shipped organism is untied)",
+    )
+    train.add_argument(
+        "--caption-steps",
+        type=int,
+        default=0,
+        help="caption stage before SFT: visual tokens learn to name their cell (default 0: off)",
+    )
     train.set_defaults(handler=run_train)
 
     data = sub.add_parser("dataset", help="write a task split as a JSONL dataset folder")
@@ -59,23 +70,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``lens organism train``."""
+    from lens.organism.model import TinyConfig
     from lens.organism.train import IMAGE_TASK, train
 
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    caption_steps = getattr(args, "caption_steps", 0)
+    if caption_steps < 0:
+        raise ConfigError(f"--caption-steps must be >= 0, got {caption_steps}")
     task = IMAGE_TASK
     if getattr(args, "task", "image") == "video":
+        if caption_steps:
+            raise ConfigError("--caption-steps needs the image organism (--task image)")
         from lens.organism.video import video_task
 
         task = video_task()
+    arch = TinyConfig(tie_word_embeddings=bool(getattr(args, "tie_embeddings", False)))
     t0 = time.time()
     manifest = train(
         args.out,
-        task.train_config(seed=args.seed, threads=args.threads),
+        task.train_config(seed=args.seed, threads=args.threads, caption_steps=caption_steps),
         progress=not args.no_progress,
         task=task,
+        arch=arch,
     )
     acc = {k: f"{v['correct']}/{v['n']}" for k, v in manifest["heldout_greedy"].items()}
     print(

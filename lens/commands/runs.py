@@ -99,6 +99,7 @@ def model_set_options(args: argparse.Namespace) -> SetSpec | None:
             compared with the first, named.
     """
     from lens.modelset import comparisons_for, organism_sources
+    from lens.organism import VARIANTS
 
     twins = list(args.rlvr or [])
     models = getattr(args, "models", None)
@@ -106,7 +107,7 @@ def model_set_options(args: argparse.Namespace) -> SetSpec | None:
         args.rlvr = twins[0] if twins else None
         return None
     if models is not None:
-        if twins or args.base != "organism":
+        if twins or args.base not in VARIANTS:
             raise ConfigError("--models names every model; leave out --base and --rlvr")
         sources: dict[str, str] = {}
         for item in models:
@@ -119,8 +120,8 @@ def model_set_options(args: argparse.Namespace) -> SetSpec | None:
                 raise ConfigError(f"--models names stage {name.strip()!r} twice")
             sources[name.strip()] = folder.strip()
         shape, organism_run = "stages", False
-    elif args.base == "organism":
-        sources, shape, organism_run = organism_sources(twins), "twins", True
+    elif args.base in VARIANTS:
+        sources, shape, organism_run = organism_sources(twins, args.base), "twins", True
         if len(set(twins)) < len(twins):
             raise ConfigError(f"--rlvr {sorted(t for t in twins if twins.count(t) > 1)[0]!r} is given twice")
     else:

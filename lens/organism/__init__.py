@@ -32,12 +32,16 @@ KNOWN_PAIRS = ("rlvr", "control")
 MODEL_NAMES = ("base", *KNOWN_PAIRS)
 IMAGE_FIRST = False
 """The organism's prompts put the question before the image (see the feasibility study)."""
+VARIANTS = {"organism": "weights", "organism-tied": "weights_tied"}
+"""Pair names of the shipped trios and their folders: the default organism, and the opt-in readable one
+(tied embeddings and a caption stage before SFT; see the README, "τ·max on a readable organism")."""
 
 __all__ = [
     "IMAGE_FIRST",
     "KNOWN_PAIRS",
     "MODEL_NAMES",
     "QTYPES",
+    "VARIANTS",
     "Sample",
     "heldout",
     "load_model",
@@ -51,43 +55,53 @@ __all__ = [
 ]
 
 
-def weights_dir() -> Path:
-    """Folder holding the shipped weights (``base/``, ``rlvr/``, ``control/``, ``manifest.json``)."""
-    return Path(__file__).resolve().parent / "weights"
+def weights_dir(variant: str = "organism") -> Path:
+    """Folder holding a shipped trio (``base/``, ``rlvr/``, ``control/``, ``manifest.json``).
+
+    Args:
+        variant: A key of :data:`VARIANTS` (``"organism"``, the default trio, or ``"organism-tied"``).
+
+    Raises:
+        ConfigError: An unknown variant.
+    """
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown organism {variant!r}; known: {', '.join(VARIANTS)}")
+    return Path(__file__).resolve().parent / VARIANTS[variant]
 
 
-def model_dir(name: str) -> Path:
+def model_dir(name: str, variant: str = "organism") -> Path:
     """Folder of one shipped model.
 
     Raises:
-        ConfigError: For a name other than ``base``, ``rlvr`` or ``control``.
+        ConfigError: For a name other than ``base``, ``rlvr`` or ``control``, or an unknown variant.
         CheckpointError: If the weights are missing from the installation.
     """
     if name not in MODEL_NAMES:
         raise ConfigError(f"unknown organism model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    path = weights_dir() / name
+    path = weights_dir(variant) / name
     if not (path / "model.safetensors").is_file():
         raise CheckpointError(
-            f"organism weights missing at {path}; run `lens organism train --out {weights_dir()}`"
+            f"organism weights missing at {path}; run `lens organism train --out {weights_dir(variant)}`"
         )
     return path
 
 
-def manifest() -> dict[str, Any]:
+def manifest(variant: str = "organism") -> dict[str, Any]:
     """The shipped ``manifest.json`` (seed, steps, held-out greedy accuracy of each model)."""
-    path = weights_dir() / "manifest.json"
+    path = weights_dir(variant) / "manifest.json"
     if not path.is_file():
         raise CheckpointError(f"organism manifest missing at {path}")
     return json.loads(path.read_text())
 
 
-def load_pair(rlvr: str = "rlvr", **kw: Any):
+def load_pair(rlvr: str = "rlvr", variant: str = "organism", **kw: Any):
     """Load ``base`` and a twin (``rlvr`` or ``control``) through :func:`lens.load_pair`.
 
     Args:
         rlvr: Twin name, one of :data:`KNOWN_PAIRS`, or a checkpoint folder derived from the organism's
             base (e.g. a planted checkpoint, :mod:`lens.planted_checkpoint`), read with the
             organism's prompt layout.
+        variant: Which shipped trio, a key of :data:`VARIANTS`.
         **kw: Passed to :func:`lens.load_pair` (``dtype``, ``device``...). ``image_first`` defaults to
             ``False`` because the organism was trained with the question before the image.
     """
@@ -95,17 +109,17 @@ def load_pair(rlvr: str = "rlvr", **kw: Any):
 
     kw = {k: v for k, v in kw.items() if v is not None}
     kw.setdefault("image_first", IMAGE_FIRST)
-    return lens.load_pair(str(model_dir("base")), twin_source(rlvr), **kw)
+    return lens.load_pair(str(model_dir("base", variant)), twin_source(rlvr, variant), **kw)
 
 
-def twin_source(rlvr: str) -> str:
+def twin_source(rlvr: str, variant: str = "organism") -> str:
     """The folder of an organism twin: a name of :data:`KNOWN_PAIRS` or a checkpoint folder.
 
     Raises:
         ConfigError: Neither a known twin nor an existing folder.
     """
     if rlvr in KNOWN_PAIRS:
-        return str(model_dir(rlvr))
+        return str(model_dir(rlvr, variant))
     if Path(rlvr).is_dir():
         return str(Path(rlvr))
     raise ConfigError(
@@ -113,7 +127,7 @@ def twin_source(rlvr: str) -> str:
     )
 
 
-def load_model(name: str):
+def load_model(name: str, variant: str = "organism"):
     """Load one shipped model directly with transformers.
 
     Returns:
@@ -121,4 +135,4 @@ def load_model(name: str):
     """
     from lens.organism.model import load_folder
 
-    return load_folder(model_dir(name))
+    return load_folder(model_dir(name, variant))

@@ -82,6 +82,9 @@ class TinyConfig:
     window_size: int = 32  # 2x2 merged tokens per window in block 0
     fullatt_block_indexes: tuple[int, ...] = (1,)
     attn_implementation: str = "sdpa"
+    # Off for the shipped organism. On, the unembedding is the input embedding (as in Qwen2.5-VL-3B), so a
+    # visual token placed near a word's embedding also reads out as that word under the logit lens.
+    tie_word_embeddings: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -160,7 +163,7 @@ def build_model(tok, cfg: TinyConfig = TinyConfig(), seed: int = 0):
             "rope_theta": cfg.rope_theta,
             "mrope_section": list(cfg.mrope_section),
         },
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=ids["<|im_start|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -184,7 +187,7 @@ def build_model(tok, cfg: TinyConfig = TinyConfig(), seed: int = 0):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_word_embeddings,
     )
     config._attn_implementation = cfg.attn_implementation
     torch.manual_seed(seed)

@@ -106,6 +106,9 @@ class TrainConfig:
     sft_min_steps: int = 30
     sft_check_every: int = 10
     sft_stop_acc: float = 0.45
+    # Opt-in caption stage before SFT (0: off, the shipped organism); see lens.organism.caption.
+    caption_steps: int = 0
+    caption_warmup: int = 20
     # GRPO
     rl_steps: int = 300
     rl_prompts: int = 16
@@ -127,6 +130,10 @@ class TrainConfig:
             raise ConfigError("rl_group must be >= 2 for group-normalised advantages")
         if self.threads < 1:
             raise ConfigError("threads must be >= 1")
+        if self.caption_steps < 0:
+            raise ConfigError(f"caption_steps must be >= 0, got {self.caption_steps}")
+        if self.caption_warmup < 1:
+            raise ConfigError(f"caption_warmup must be >= 1, got {self.caption_warmup}")
 
 
 class TrainStream:
@@ -343,6 +350,8 @@ def train_models(
         ``(models, tokenizer, log, info)``: ``models`` maps name to model, ``log`` is a list of per-step
         dicts (phase, step, loss, reward, val_acc, seconds) and ``info`` holds step counts and timings.
     """
+    if cfg.caption_steps and task.name != "image":
+        raise ConfigError("the caption stage needs the image organism's task (--task image)")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -364,8 +373,11 @@ def _train_models(cfg: TrainConfig, progress: bool, arch: TinyConfig, task: Orga
         log.append(dict(phase=phase, step=step, loss=round(loss, 6), reward=reward, val_acc=val_acc,
                         seconds=round(time.time() - t0, 2)))  # fmt: skip
 
-    # --- base: SFT with early stopping --------------------------------------------------------------
+    # --- base: SFT with early stopping (after the opt-in caption stage) -----------------------------
     base = build_model(tok, arch, seed=cfg.seed)
+    if cfg.caption_steps:
+        info["caption_steps"] = _caption_stage(base, enc, cfg, record)
+        info["caption_seconds"] = round(time.time() - t0, 1)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(base.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.sft_warmup))
@@ -433,6 +445,27 @@ def _train_models(cfg: TrainConfig, progress: bool, arch: TinyConfig, task: Orga
     return {"base": base, "rlvr": rlvr, "control": control}, tok, log, info
 
 
+def _caption_stage(model, enc: Encoder, cfg: TrainConfig, record: Callable[..., None]) -> int:
+    """``cfg.caption_steps`` updates of :func:`lens.organism.caption.caption_loss` on a fresh stream."""
+    from lens.organism.caption import caption_loss
+
+    torch.manual_seed(cfg.seed + 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.caption_warmup))
+    stream = TrainStream(cfg.seed, phase=3)  # phases 0-2 are SFT, GRPO and control
+    for step in range(1, cfg.caption_steps + 1):
+        model.train()
+        loss = caption_loss(model, enc, stream.take(cfg.sft_batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        record("caption", step, loss.item())
+    model.eval()
+    return cfg.caption_steps
+
+
 def write_log(log: list[dict], out_dir: Path) -> None:
     """Write the per-step log as ``training_log.csv`` and ``training_log.json``."""
     fields = ["phase", "step", "loss", "reward", "val_acc", "seconds"]
@@ -450,11 +483,20 @@ def train(
     progress: bool = True,
     on_done: Callable[[dict], None] | None = None,
     task: OrganismTask = IMAGE_TASK,
+    arch: TinyConfig = TinyConfig(),
 ) -> dict:
     """Train the trio and write ``{base,rlvr,control}/``, the log and ``manifest.json`` to ``out_dir``.
 
     Everything is written to a temporary sibling folder first and swapped in at the end, so an
     interrupted run never replaces good weights with half-written ones.
+
+    Args:
+        out_dir: Output folder.
+        cfg: Hyper-parameters (``caption_steps > 0`` adds the caption stage before SFT).
+        progress: Show a tqdm bar.
+        on_done: Called with the manifest once the folder is in place.
+        task: The task (the image organism's by default).
+        arch: Model architecture (``tie_word_embeddings=True`` for the readable variant).
 
     Returns:
         The manifest (seed, steps, timings and each model's held-out greedy accuracy).
@@ -462,7 +504,7 @@ def train(
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    models, tok, log, info = train_models(cfg, progress=progress, task=task)
+    models, tok, log, info = train_models(cfg, progress=progress, arch=arch, task=task)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         prev = torch.get_num_threads()
@@ -480,7 +522,7 @@ def train(
             "seed": cfg.seed,
             **({} if task is IMAGE_TASK else {"task": task.name}),
             "train_config": asdict(cfg),
-            "architecture": config_dict(TinyConfig()),
+            "architecture": config_dict(arch),
             **info,
             "heldout_greedy": accuracy,
             "heldout_seed": task.heldout_seed,
