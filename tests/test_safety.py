@@ -457,9 +457,9 @@ def test_text_only_item_for_replay_is_refused_with_its_row(pair_args, tmp_path, 
         (
             "intervene",
             ["--strategies", "rlvr,hard-low"],
-            "has no image, but --strategies hard-low acts on visual tokens",
+            "has no image or video, but --strategies hard-low acts on visual tokens",
         ),
-        ("replay", [], "has no image, but --strategies replay acts on visual tokens"),
+        ("replay", [], "has no image or video, but --strategies replay acts on visual tokens"),
     ):
         line = assert_refused(
             [command, *pair_args, "--data", str(data), "--out", str(out), *extra], capfd, fragment

@@ -287,3 +287,26 @@ def test_shipped_video_pair_encodes_an_item():
     trained = V.VideoEncoder(pair.tokenizer).encode([s.question], [s.video])
     assert set(ran) == set(trained)
     assert all(torch.equal(trained[k].to(ran[k].dtype), ran[k]) for k in ran)
+
+
+def test_organism_video_is_a_pair_name_for_the_cli(tmp_path, capsys):
+    """`--base organism-video` loads the video trio and defaults to its held-out clips, in every command."""
+    import lens
+    from lens import organism
+    from lens.cli import main
+
+    pair = lens.load_pair("organism-video")
+    assert pair.names == ("base", "rlvr") and not pair.image_first
+    assert [s.id for s in organism.heldout_of("organism-video", 3)] == [s.id for s in V.heldout(3)]
+    with pytest.raises(ConfigError, match="unknown organism"):
+        organism.heldout_of("organism-audio", 1)
+
+    assert main(["drift", "--base", "organism-video", "--items", "2", "--layers", "0", "--out", str(tmp_path / "d")]) == 0
+    assert "visual tokens" in capsys.readouterr().out
+    # Methods acting on visual tokens take video items (a video is visual input, not a missing image).
+    out = tmp_path / "i"
+    args = ["intervene", "--base", "organism-video", "--strategies", "rlvr,hard-low", "--items", "2", "--n", "0"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["item"] for r in rows} == {"heldout-00000", "heldout-00001"}
+    assert {r["verifier"] for r in rows} == {"organism"}  # `auto` knows the video organism's items

@@ -401,7 +401,8 @@ def read_items(args: argparse.Namespace, organism_default: int) -> list[Any]:
             raise ConfigError("--columns maps the columns of --data; give --data too")
         from lens import organism
 
-        samples = organism.heldout(n=args.items or organism_default)
+        variant = args.base if args.base in organism.VARIANTS else "organism"
+        samples = organism.heldout_of(variant, n=args.items or organism_default)
     check_images(samples, video_options(args))
     return samples
 
@@ -473,8 +474,10 @@ def check_samples(
             raise InputError(f"{where(sample, data)} has an image, but {spec.adapter.name} takes no images")
         if getattr(sample, "video", None) is not None and not spec.multimodal:
             raise InputError(f"{where(sample, data)} has a video, but {spec.adapter.name} takes no videos")
-        if needs_image and not images:
-            raise InputError(f"{where(sample, data)} has no image, but {needs_image} acts on visual tokens")
+        if needs_image and not images and getattr(sample, "video", None) is None:
+            raise InputError(
+                f"{where(sample, data)} has no image or video, but {needs_image} acts on visual tokens"
+            )
         for image in images:
             problem = image_size_problem(image, spec.image_processor)
             if problem:

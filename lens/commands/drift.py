@@ -64,7 +64,8 @@ def load_samples(args: argparse.Namespace) -> list:
     else:
         from lens import organism
 
-        samples = organism.heldout(n=args.items)
+        variant = args.base if args.base in organism.VARIANTS else "organism"
+        samples = organism.heldout_of(variant, n=args.items)
     if args.limit is not None:
         samples = samples[: args.limit]
     # Before loading the pair: a corrupt image fails fast and leaves nothing behind.

@@ -190,7 +190,6 @@ def run_organism_eval(args: argparse.Namespace) -> int:
     from analyses.evaluate import evaluate, record_key, wide_table, write_outputs
     from lens import organism
     from lens.fingerprint import models_fingerprint, sample_digest
-    from lens.organism.model import Encoder
     from lens.outdir import OutputFolder
     from lens.records import RecordWriter
 
@@ -198,10 +197,10 @@ def run_organism_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or 1)
     out = Path(args.out)
     items = args.items or 500
-    samples = organism.heldout(items)
+    samples = organism.heldout_of(args.base, items)
     with OutputFolder(out):
         loaded = {name: organism.load_model(name, args.base) for name in organism.MODEL_NAMES}
-        encoder = Encoder(loaded["base"][1])
+        encoder = organism.encoder_of(args.base, loaded["base"][1])
         models = {name: m for name, (m, _, _) in loaded.items()}
         tag = f"n{cfg.n}-seed{cfg.seed}-items{items}"
         digests = {str(s.id): sample_digest(s) for s in samples}

@@ -52,7 +52,7 @@ def resolve_image_path(value: str, base: Path, where: str) -> Path:
 def check_images(samples: Iterable[Any], video_defaults: Any = None) -> None:
     """Decode every image of every sample (paths and bytes), so a corrupt one fails before any output.
 
-    In-memory PIL images (the organism's) are already decoded and are skipped. A sample's video
+    In-memory PIL images and video clips (the organisms') are already decoded and are skipped. A sample's video
     is probed (every packet read, no frame decoded) and its frame count checked against its options.
 
     Args:
@@ -65,11 +65,11 @@ def check_images(samples: Iterable[Any], video_defaults: Any = None) -> None:
             (the message names the sample and image or video).
     """
     from lens.inputs import open_image
-    from lens.video import VideoOptions, probe_video, sample_indices
+    from lens.video import VideoClip, VideoOptions, probe_video, sample_indices
 
     for sample in samples:
         video = getattr(sample, "video", None)
-        if video is not None:
+        if video is not None and not isinstance(video, VideoClip):  # an in-memory clip is decoded
             try:
                 info = probe_video(video)
                 options = (getattr(sample, "video_options", None) or VideoOptions()).over(video_defaults)

@@ -32,9 +32,10 @@ KNOWN_PAIRS = ("rlvr", "control")
 MODEL_NAMES = ("base", *KNOWN_PAIRS)
 IMAGE_FIRST = False
 """The organism's prompts put the question before the image (see the feasibility study)."""
-VARIANTS = {"organism": "weights", "organism-tied": "weights_tied"}
-"""Pair names of the shipped trios and their folders: the default organism, and the opt-in readable one
-(tied embeddings and a caption stage before SFT; see the README, "τ·max on a readable organism")."""
+VARIANTS = {"organism": "weights", "organism-tied": "weights_tied", "organism-video": "weights_video"}
+"""Pair names of the shipped trios and their folders: the default organism, the opt-in readable one
+(tied embeddings and a caption stage before SFT; see the README, "τ·max on a readable organism") and
+the video organism (:mod:`lens.organism.video`, whose items are 4-frame clips)."""
 
 __all__ = [
     "IMAGE_FIRST",
@@ -46,6 +47,7 @@ __all__ = [
     "heldout",
     "load_model",
     "load_pair",
+    "heldout_of",
     "manifest",
     "model_dir",
     "validation",
@@ -136,3 +138,28 @@ def load_model(name: str, variant: str = "organism"):
     from lens.organism.model import load_folder
 
     return load_folder(model_dir(name, variant))
+
+
+def heldout_of(variant: str, n: int = 500) -> list[Any]:
+    """The held-out items of a shipped trio: the video organism's clips, or the image task's items.
+
+    Raises:
+        ConfigError: An unknown variant.
+    """
+    weights_dir(variant)  # refuses an unknown name
+    if variant == "organism-video":
+        from lens.organism import video
+
+        return video.heldout(n)
+    return heldout(n)
+
+
+def encoder_of(variant: str, tokenizer: Any) -> Any:
+    """The batched training/evaluation encoder of a shipped trio (video clips or images)."""
+    if variant == "organism-video":
+        from lens.organism.video import VideoEncoder
+
+        return VideoEncoder(tokenizer)
+    from lens.organism.model import Encoder
+
+    return Encoder(tokenizer)

@@ -408,19 +408,13 @@ def manifest() -> dict[str, Any]:
 
 
 def load_pair(rlvr: str = "rlvr", **kw: Any):
-    """Load the video organism's ``base`` and a twin (``rlvr`` or ``control``) through :func:`lens.load_pair`.
-
-    The question comes before the video (``image_first=False``), as in training.
+    """Load the video organism's ``base`` and a twin (``rlvr``, ``control`` or a checkpoint folder):
+    ``lens.load_pair("organism-video", rlvr)``. The question comes before the video
+    (``image_first=False``), as in training.
     """
-    from lens.organism import KNOWN_PAIRS
+    from lens import organism
 
-    if rlvr not in KNOWN_PAIRS:
-        raise ConfigError(f"unknown organism twin {rlvr!r}; known: {', '.join(KNOWN_PAIRS)}")
-    import lens
-
-    kw = {k: v for k, v in kw.items() if v is not None}
-    kw.setdefault("image_first", False)
-    return lens.load_pair(str(model_dir("base")), str(model_dir(rlvr)), **kw)
+    return organism.load_pair(rlvr, variant="organism-video", **kw)
 
 
 def load_model(name: str):

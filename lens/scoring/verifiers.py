@@ -138,17 +138,22 @@ class OrganismVerifier(Verifier):
 
 
 def is_organism_item(sample: Any) -> bool:
-    """An organism item: a :class:`lens.organism.Sample`, or one whose question is an organism question.
+    """An organism item (image or video task), or one whose question is an organism question.
 
     The second case covers organism items read back from a dataset written by
-    :func:`lens.organism.write_dataset` (``qtype`` plus the exact question text).
+    :func:`lens.organism.write_dataset` or :func:`lens.organism.video.write_dataset` (``qtype`` plus
+    the exact question text).
     """
+    from lens.organism import video
     from lens.organism.task import QTYPES, Sample, question_for
 
-    if isinstance(sample, Sample):
+    if isinstance(sample, (Sample, video.VideoSample)):
         return True
     qtype = getattr(sample, "qtype", None)
-    return qtype in QTYPES and getattr(sample, "question", None) == question_for(qtype)
+    question = getattr(sample, "question", None)
+    if qtype in video.VIDEO_QTYPES and question == video.question_for(qtype):
+        return True
+    return qtype in QTYPES and question == question_for(qtype)
 
 
 @dataclass(frozen=True)
