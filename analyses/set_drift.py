@@ -21,6 +21,7 @@ import pandas as pd
 from analyses.drift_stats import drift_statistics
 from analyses.kl_drift import DRIFT_SCHEMA, DriftConfig, DriftRecord, SampleLike, legacy_table
 from lens.datasets import check_images, sample_images
+from lens.datasets.sample import sample_videos
 from lens.errors import DatasetError, InputError
 from lens.fingerprint import models_fingerprint, sample_digests
 from lens.logit_lens import LensConfig, multi_lens
@@ -51,7 +52,10 @@ def set_records(
 ) -> dict[tuple[str, str], DriftRecord]:
     """Lens statistics of one sample for every comparison of the set."""
     inputs = models.encode(
-        sample.question, sample_images(sample), response=sample.response if config.teacher_force else None
+        sample.question,
+        sample_images(sample),
+        response=sample.response if config.teacher_force else None,
+        videos=sample_videos(sample),
     )
     results = multi_lens(
         models.models,
@@ -98,9 +102,11 @@ def run_set_drift(
 
     check_images(samples)
     if not models.adapter.multimodal:
-        with_images = [s.id for s in samples if sample_images(s)]
+        with_images = [s.id for s in samples if sample_images(s) or sample_videos(s)]
         if with_images:
-            raise InputError(f"{models.adapter.name} takes no images, but sample {with_images[0]!r} has one")
+            raise InputError(
+                f"{models.adapter.name} takes no images or videos, but sample {with_images[0]!r} has one"
+            )
     labels = {pair: label(pair) for pair in models.comparisons}
     parts: dict[tuple[str, str], list[SamplePart]] = {pair: [] for pair in models.comparisons}
     if out_dir is None:

@@ -131,10 +131,11 @@ class ModelSet:
         image_first: bool | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        videos: Sequence[Any] = (),
     ) -> PairInputs:
         """Identical inputs for every model (see :meth:`lens.ModelPair.encode`)."""
         return self.pair(*self.comparisons[0]).encode(
-            prompt, images, response, system, image_first, messages=messages
+            prompt, images, response, system, image_first, messages=messages, videos=videos
         )
 
     @classmethod

@@ -36,7 +36,15 @@ CELL_TIMEOUT_S = 900  # generous: the 2 CI cores are shared, and a cell that han
 
 def test_every_notebook_is_listed():
     names = [p.stem for p in PATHS]
-    assert names == ["01_kl_by_entropy", "02_perturbation", "03_interventions", "04_replay", "05_organism", "06_controls"]
+    assert names == [
+        "01_kl_by_entropy",
+        "02_perturbation",
+        "03_interventions",
+        "04_replay",
+        "05_organism",
+        "06_controls",
+        "07_video",
+    ]
     assert [p.stem for p in SCRIPTS] == names, "every notebook needs both its .py and its .ipynb"
 
 

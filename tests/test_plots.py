@@ -190,3 +190,29 @@ def test_lens_plot_bad_input_is_one_line(cli, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_greedy_by_strategy_draws_each_strategy_and_refuses_a_sampled_only_table(tmp_path):
+    from lens.plot.interventions import plot_greedy_by_strategy
+
+    summary = pd.DataFrame(
+        {
+            "strategy": ["rlvr", "hard-low", "pti", "rlvr"],
+            "metric": ["greedy_pass@1", "greedy_pass@1", "greedy_pass@1", "pass@k"],
+            "value": [0.45, 0.42, 0.17, 0.5],
+            "ci_low": [0.3, 0.28, 0.07, 0.4],
+            "ci_high": [0.6, 0.57, 0.3, 0.6],
+            "delta_vs_rlvr": [np.nan, -0.025, -0.275, np.nan],
+            "delta_ci_low": [np.nan, -0.075, -0.425, np.nan],
+            "delta_ci_high": [np.nan, 0.0, -0.1, np.nan],
+        }
+    )
+    fig = plot_greedy_by_strategy(summary, title="t")
+    left, right = fig.axes
+    assert [t.get_text() for t in left.get_yticklabels()] == ["rlvr", "hard-low", "pti"]
+    assert [round(p.get_width(), 3) for p in left.patches] == [0.45, 0.42, 0.17]
+    assert sorted(round(float(x), 3) for x in right.lines[0].get_xdata()) == [-0.275, -0.025]  # none for rlvr
+    assert save_figure(fig, tmp_path / "g")
+    plt.close(fig)
+    with pytest.raises(DatasetError, match="no greedy_pass@1"):
+        plot_greedy_by_strategy(summary[summary.metric == "pass@k"])

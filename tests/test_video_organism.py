@@ -310,3 +310,24 @@ def test_organism_video_is_a_pair_name_for_the_cli(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {r["item"] for r in rows} == {"heldout-00000", "heldout-00001"}
     assert {r["verifier"] for r in rows} == {"organism"}  # `auto` knows the video organism's items
+
+
+def test_several_twin_drift_reads_the_video_tokens(tmp_path):
+    """run_set_drift (the base once, every twin against it) feeds the clip, like run_drift does."""
+    from analyses.kl_drift import DriftConfig, run_drift
+    from analyses.set_drift import run_set_drift
+    from lens import organism
+    from lens.modelset import load_models, organism_sources
+
+    clips = V.heldout(2)
+    twins = load_models(organism_sources(("rlvr", "control"), "organism-video"), image_first=False)
+    result = run_set_drift(twins, clips, None, DriftConfig(layers=(0, 3)))
+    rows = result.tidy["base→rlvr"].to_pandas()
+    assert (rows.role == "visual").sum() == 2 * 18 * 2  # 2 clips x 18 video tokens x 2 layers
+    single = run_drift(organism.load_pair(variant="organism-video"), clips, config=DriftConfig(layers=(0, 3)))
+    both = result.buckets.query("comparison == 'base→rlvr'")
+    assert np.allclose(
+        both.sort_values(["scope", "layer", "token_group", "bucket"]).mean_kl.to_numpy(),
+        single.buckets.sort_values(["scope", "layer", "token_group", "bucket"]).mean_kl.to_numpy(),
+        atol=1e-6,
+    )

@@ -70,3 +70,49 @@ def plot_ablation_heatmap(ablation: pd.DataFrame, title: str | None = None) -> F
 
 # One implementation of the replay-loss figure, shared with `lens plot replay-loss`.
 from lens.plot.training import plot_replay_loss  # noqa: E402,F401
+
+
+def plot_greedy_by_strategy(summary: pd.DataFrame, title: str | None = None, reference: str = "rlvr") -> Figure:
+    """Strategies side by side: greedy pass@1 with its CI, and the paired change vs ``reference``.
+
+    Args:
+        summary: The intervention summary (``analyses.intervention.summarise``): rows with ``metric ==
+            "greedy_pass@1"`` and ``strategy``, ``value``, ``ci_low``, ``ci_high``, ``delta_vs_rlvr``,
+            ``delta_ci_low``, ``delta_ci_high``.
+        title: Optional title.
+        reference: The strategy the changes are paired against (drawn without a change bar).
+
+    Returns:
+        A two-panel figure, strategies in the table's order.
+
+    Raises:
+        DatasetError: The table has no greedy rows.
+    """
+    import matplotlib.pyplot as plt
+
+    from lens.errors import DatasetError
+    from lens.plot.style import PALETTE
+
+    greedy = summary[summary["metric"] == "greedy_pass@1"].reset_index(drop=True)
+    if greedy.empty:
+        raise DatasetError("the summary has no greedy_pass@1 rows (run with greedy decoding)")
+    y = np.arange(len(greedy))
+    colours = [PALETTE[i % len(PALETTE)] for i in range(len(greedy))]
+    with paper_style():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(COLUMN_WIDTH * 2, 0.35 * len(greedy) + 1.0), sharey=True)
+        err = np.vstack([greedy["value"] - greedy["ci_low"], greedy["ci_high"] - greedy["value"]])
+        left.barh(y, greedy["value"], xerr=err, color=colours, capsize=2)
+        left.set_yticks(y, greedy["strategy"])
+        left.invert_yaxis()
+        left.set_xlim(0, 1)
+        left.set_xlabel("greedy pass@1 (95% CI)")
+        delta = greedy["delta_vs_rlvr"].astype(float)
+        shown = (greedy["strategy"] != reference) & delta.notna()
+        derr = np.vstack([delta - greedy["delta_ci_low"], greedy["delta_ci_high"] - delta])
+        right.errorbar(delta[shown], y[shown], xerr=derr[:, shown], fmt="o", color="black", capsize=2)
+        right.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+        right.set_xlabel(f"paired change vs {reference} (95% CI)")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
