@@ -16,8 +16,10 @@ about the method: there is no answer to converge to).
 
     python benchmarks/bench_vreason.py --threads 1
     python benchmarks/bench_vreason.py --preset qwen7b --layers 2 --tokens 16 --repeats 3
+    python benchmarks/bench_vreason.py --preset organism-video --threads 1
 
-``--preset qwen7b`` gives the decoder Qwen2.5-VL-7B's width (hidden 3584, 28 heads, 4 key/value
+``--preset organism-video`` decodes the shipped video organism's RLVR twin on its first held-out
+clip (18 video tokens). ``--preset qwen7b`` gives the decoder Qwen2.5-VL-7B's width (hidden 3584, 28 heads, 4 key/value
 heads, MLP 18944, vocabulary 152064) at a reduced depth (``--layers``), in float32 on CPU. V-Reason
 back-propagates from the output entropy to the last layer's values only, so its absolute cost does
 not grow with depth while plain decoding's does: at full depth (28 layers) the ratio is lower than
@@ -66,11 +68,21 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--preset", choices=["tiny", "qwen7b"], default="tiny", help="decoder width")
+    parser.add_argument(
+        "--preset", choices=["tiny", "qwen7b", "organism-video"], default="tiny", help="which pair decodes"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tok, ip = tiny_tokenizer(), tiny_image_processor()
-    if args.preset == "qwen7b":
+    clip_inputs = None
+    if args.preset == "organism-video":
+        import lens
+        from lens.organism import video
+
+        pair = lens.load_pair("organism-video")
+        clip = video.heldout(1)[0]
+        clip_inputs = pair.encode(clip.question, videos=[clip.video])
+    elif args.preset == "qwen7b":
         shape = dict(hidden_size=3584, num_heads=28, num_kv_heads=4, intermediate_size=18944, vocab_size=152064)
         model = tiny_qwen25vl(tok, seed=1, num_layers=args.layers, **shape)
         pair = ModelPair.from_models(model, model, tok, ip)
@@ -81,10 +93,13 @@ def main() -> None:
             tok,
             ip,
         )
-    with tempfile.TemporaryDirectory() as folder:
-        clip = Path(folder) / "clip.mkv"
-        write_clip(clip)
-        inputs = pair.encode("How many shapes move?", videos=[VideoPart(clip, VideoOptions(nframes=4))])
+    if clip_inputs is not None:
+        inputs = clip_inputs
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            clip = Path(folder) / "clip.mkv"
+            write_clip(clip)
+            inputs = pair.encode("How many shapes move?", videos=[VideoPart(clip, VideoOptions(nframes=4))])
     runs = {
         "plain": Baseline(),
         "vreason-k2": VReason(VReasonConfig(every=2)),
@@ -108,7 +123,7 @@ def main() -> None:
     }
     report = {
         "preset": args.preset,
-        "layers": args.layers,
+        "layers": pair.n_layers,
         "hidden": pair.adapter.hidden_size(pair.config),
         "video_tokens": int(sum(f >= 0 for f in inputs.frames)),
         "prompt_tokens": inputs.n_tokens,
