@@ -13,10 +13,8 @@ and pooled over all layers. Power = the fraction of replicates that detect, with
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -24,64 +22,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses.kl_drift import DriftConfig, run_drift  # noqa: E402
+from analyses.controls import detection_power, drift_detection  # noqa: E402
 from lens import organism  # noqa: E402
-from lens.controls import plant  # noqa: E402
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval of a binomial proportion."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def detects(buckets: pd.DataFrame, layer: int, target: int) -> tuple[bool, bool]:
-    """Whether the target bucket's mean visual KL exceeds every other bucket's: at ``layer``, pooled."""
-    out = []
-    for rows in (buckets.layer == layer, buckets.scope == "pooled"):
-        kl = buckets[rows & (buckets.token_group == "visual")].set_index("bucket").mean_kl
-        out.append(bool(kl[target] > kl.drop(target).max()))
-    return out[0], out[1]
 
 
 def power_curve(
     sizes: list[float], where: str, on: str, layer: int, fraction: float, replicates: int, n_items: int
 ) -> pd.DataFrame:
+    """Power of "the planted bucket wins" per size and scope, from :mod:`analyses.controls`."""
     pair = organism.load_pair()
-    pool = organism.heldout(replicates * n_items)
-    target = 5 if where == "high" else 1
-    rows = []
-    for size in sizes:
-        hits_layer = hits_pooled = 0
-        for r in range(replicates):
-            items = pool[r * n_items : (r + 1) * n_items]
-            with plant(pair, where=where, size=size, layer=layer, fraction=fraction, seed=r, on=on) as twin:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    buckets = run_drift(twin, items, config=DriftConfig()).buckets
-            at_layer, pooled = detects(buckets, layer, target)
-            hits_layer += at_layer
-            hits_pooled += pooled
-        for scope, hits in (("layer", hits_layer), ("pooled", hits_pooled)):
-            low, high = wilson(hits, replicates)
-            rows.append(
-                dict(
-                    where=where, on=on, layer=layer, fraction=fraction, size=size, scope=scope,
-                    target_bucket=target, replicates=replicates, items=n_items,
-                    power=hits / replicates, ci_low=low, ci_high=high,
-                )
-            )  # fmt: skip
-        print(rows[-2], rows[-1], sep="\n", flush=True)
-    return pd.DataFrame(rows)
+    detection = drift_detection(
+        pair, organism.heldout(replicates * n_items), sizes, wheres=(where,), replicates=replicates,
+        n_items=n_items, layer=layer, fraction=fraction, on=on,
+    )  # fmt: skip
+    power = detection_power(detection).query("criterion == 'planted bucket'")
+    power = power.assign(on=on, layer=layer, fraction=fraction).rename(columns={"target": "target_bucket"})
+    power = power.sort_values(["size", "scope"], kind="stable")
+    columns = ["where", "on", "layer", "fraction", "size", "scope", "target_bucket", "replicates", "items"]
+    return power[[*columns, "power", "ci_low", "ci_high"]].reset_index(drop=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--where", default="low", choices=("low", "high", "random", "text"))
+    parser.add_argument("--where", default="low", choices=("low", "high", "random"))
     parser.add_argument("--on", default="base", choices=("base", "rlvr"))
     parser.add_argument("--sizes", default="0,0.25,0.5,1,2")
     parser.add_argument("--layer", type=int, default=0)
