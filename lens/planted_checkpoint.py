@@ -241,14 +241,7 @@ def visual_rms(pair: Any, samples: Sequence[Any]) -> float:
     Raises:
         ConfigError: No sample has visual tokens.
     """
-    from lens.interventions.base import _StopForward, edit_input, installed
-
-    block = pair.adapter.layers(pair.base)[0]
-    got: list[torch.Tensor] = []
-
-    def read(hidden: torch.Tensor) -> None:
-        got.append(hidden[0].detach())
-        raise _StopForward
+    from lens.interventions.base import capture_block_residuals
 
     values = []
     for sample in samples:
@@ -256,13 +249,8 @@ def visual_rms(pair: Any, samples: Sequence[Any]) -> float:
         visual = inputs.visual_positions
         if visual.numel() == 0:
             continue
-        got.clear()
-        with installed([edit_input(block, read)]):
-            try:
-                pair.base(**inputs.model_inputs, use_cache=False)
-            except _StopForward:
-                pass
-        values.append(got[0][visual.to(got[0].device)].float().pow(2).mean().sqrt().item())
+        block_in = capture_block_residuals(pair.base, pair.adapter, inputs.model_inputs, inputs_of=(0,))[("in", 0)]
+        values.append(block_in[visual.to(block_in.device)].float().pow(2).mean().sqrt().item())
     if not values:
         raise ConfigError("visual_rms needs at least one sample with visual tokens")
     return float(sum(values) / len(values))

@@ -145,3 +145,16 @@ def test_cli_plants_then_drift_reads_the_folder_twin(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's own refusal: exit 2, usage on stderr
         main(["plant", "--where", "low", "--size", "1", "--out", str(out)])
     assert json.loads((out / "planted.json").read_text())["where"] == "visual"  # untouched
+
+
+def test_visual_rms_is_the_block0_input_rms_at_visual_tokens(pair):
+    from lens.planted_checkpoint import visual_rms
+
+    items = organism.heldout(2)
+    expected = []
+    for item in items:
+        inputs = pair.encode(item.question, [item.image])
+        with torch.no_grad():
+            hidden = pair.base(**inputs.model_inputs, output_hidden_states=True).hidden_states[0][0]
+        expected.append(hidden[inputs.visual_positions].double().pow(2).mean().sqrt().item())
+    assert visual_rms(pair, items) == pytest.approx(sum(expected) / 2, rel=1e-6)
