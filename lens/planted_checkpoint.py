@@ -88,12 +88,16 @@ class WeightPlant:
         )
 
 
+def _no_visual_plant(adapter: ArchitectureAdapter) -> ConfigError:
+    return ConfigError(
+        f"{adapter.name} offers no visual weight plant (its adapter names no projector output "
+        "layer); use the hook plant lens.controls.plant(where='random', fraction=1.0)"
+    )
+
+
 def _projector_bias(model: torch.nn.Module, adapter: ArchitectureAdapter) -> torch.Tensor:
     if not adapter.projector_out_path:
-        raise ConfigError(
-            f"{adapter.name} offers no visual weight plant (its adapter names no projector output "
-            "layer); use the hook plant lens.controls.plant(where='random', fraction=1.0)"
-        )
+        raise _no_visual_plant(adapter)
     layer = adapter._get(model, adapter.projector_out_path)
     if getattr(layer, "bias", None) is None:
         raise ConfigError(f"{adapter.name}'s projector output layer has no bias to plant in")
@@ -113,7 +117,7 @@ def check_weight_plant(config: Any, plant: WeightPlant) -> ArchitectureAdapter:
         if not adapter.multimodal:
             raise ConfigError(f"a visual plant needs a model that takes images; {adapter.name} does not")
         if not adapter.projector_out_path:
-            _projector_bias(torch.nn.Module(), adapter)  # raises the one-line refusal
+            raise _no_visual_plant(adapter)
     elif bool(getattr(adapter.text_config(config), "tie_word_embeddings", False)) or bool(
         getattr(config, "tie_word_embeddings", False)
     ):
